@@ -1,0 +1,83 @@
+"""Compile time, steady-state step time and images/s of the supervised train step.
+
+Prints a table over (backbone x crop size) on whatever devices are present:
+
+  python benchmarks/train_step.py                       # default grid
+  python benchmarks/train_step.py --backbones=resnet101 --crops=321 --batch=8 --dtype=bfloat16
+
+Each step gets a fresh host batch and is synced (as the trainer does), so the time
+includes the host->device transfer of the batch.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from reco_jax import methods, models, parallel, train  # noqa: E402
+
+
+def benchmark(backbone: str, crop: int, batch: int, dtype: str, steps: int, num_classes: int = 21,
+              method: str = "supervised"):
+  config = default.get_config()
+  config.method = method
+  config.model.backbone = backbone
+  config.model.dtype = dtype
+  config.input.crop_size = (crop, crop)
+  config.input.batch_size = batch
+  if backbone == "resnet_tiny":
+    config.model.width, config.model.head_dim, config.model.rep_dim = 16, 64, 64
+  mesh = parallel.create_mesh()
+  model = models.create_model(config.model, num_classes)
+  state = train.create_state(config, model, num_classes, mesh)
+  step_fn = train.make_train_step(mesh, train.step_config_from(config, num_classes))
+  rng = np.random.RandomState(0)
+  uses_teacher = methods.get_method(method).uses_teacher
+
+  def host_batch():
+    one = lambda: {"image": rng.randn(batch, crop, crop, 3).astype(np.float32),  # noqa: E731
+                   "label": rng.randint(-1, num_classes, size=(batch, crop, crop)).astype(np.int32)}
+    return {"labeled": one(), "unlabeled": one()} if uses_teacher else {"labeled": one()}
+
+  start = time.perf_counter()
+  state, metrics = step_fn(state, parallel.to_global_batch(host_batch(), mesh))
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    b = parallel.to_global_batch(host_batch(), mesh)
+    start = time.perf_counter()
+    state, metrics = step_fn(state, b)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  return compile_s, step_s, batch / step_s
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--backbones", default="resnet_tiny,resnet18,resnet50,resnet101")
+  parser.add_argument("--crops", default="64,161,321")
+  parser.add_argument("--batch", type=int, default=jax.device_count() * 2)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--method", default="supervised")
+  args = parser.parse_args()
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; batch {args.batch}; "
+        f"dtype {args.dtype}; method {args.method}; median of {args.steps} steps")
+  print("| backbone | crop | compile (s) | step (s) | images/s |")
+  print("|---|---|---|---|---|")
+  for backbone in args.backbones.split(","):
+    for crop in (int(c) for c in args.crops.split(",")):
+      compile_s, step_s, ips = benchmark(backbone, crop, args.batch, args.dtype, args.steps, method=args.method)
+      print(f"| {backbone} | {crop} | {compile_s:.1f} | {step_s:.3f} | {ips:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

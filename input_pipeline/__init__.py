@@ -1,0 +1,1 @@
+"""Host-side input pipeline: datasets, TFDS builders and tf.data preprocessing."""

@@ -1,0 +1,1 @@
+"""reco-jax: pixel-level contrastive learning for semantic segmentation in JAX/Flax."""

@@ -1,0 +1,80 @@
+"""Orbax checkpoints: a resume manager (by recency) and an optional best-model manager.
+
+Two managers because `best_fn` + `max_to_keep` deletes by metric, not by recency: with a
+single manager a pre-empted run could resume from an old "best" step (design.md §2.13).
+Orbax writes each step to a temporary directory and renames it when complete, so a
+checkpoint is either whole or absent.
+"""
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+PyTree = Any
+RESUME_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+def create_resume_manager(workdir: str, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  """Manager for `workdir/checkpoints` with items `state` and `config`."""
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, RESUME_DIR)),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                           read_only=read_only),
+      item_names=("state", "config"))
+
+
+def create_best_manager(workdir: str) -> ocp.CheckpointManager:
+  """Manager for `workdir/best`: the evaluation variables with the best mIoU so far."""
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, BEST_DIR)),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["miou"],
+                                           best_mode="max", create=True),
+      item_names=("variables", "metrics"))
+
+
+def save_state(manager: ocp.CheckpointManager, step: int, state: PyTree,
+               config: ml_collections.ConfigDict) -> None:
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              config=ocp.args.JsonSave(config.to_dict())),
+               force=True)
+
+
+def save_best(manager: ocp.CheckpointManager, step: int, variables: PyTree, metrics: dict) -> None:
+  manager.save(step, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
+                                              metrics=ocp.args.JsonSave(metrics)),
+               metrics={"miou": metrics["miou"]}, force=True)
+
+
+def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
+  """`ShapeDtypeStruct`s of `tree` carrying `sharding`: the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def restore_state(manager: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None) -> PyTree:
+  """Restores the full train state (latest step by default) onto the target's shardings."""
+  step = manager.latest_step() if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  return restored.state
+
+
+def restore_subtree(workdir: str, abstract_subtree: dict, step: int | None = None) -> tuple[dict, int]:
+  """Restores only some top-level fields of the saved state (e.g. the teacher).
+
+  Uses a fresh read-only manager: the manager that saved with StandardSave refuses
+  a PyTreeRestore of the same item (design.md §2.12).
+
+  Returns:
+    (restored subtree, step restored).
+  """
+  manager = create_resume_manager(workdir, max_to_keep=1, read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {os.path.join(workdir, RESUME_DIR)}")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract_subtree,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
+      partial_restore=True)))
+  return dict(restored.state), step

@@ -1,0 +1,1 @@
+"""Loss functions: supervised CE, unsupervised pseudo-label CE, ReCo and relatives."""

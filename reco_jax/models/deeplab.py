@@ -1,0 +1,195 @@
+"""DeepLabv3+ and DeepLabv2 segmentation heads and models (reco_spec §6).
+
+Both models map images f32[B,H,W,3] to (logits, rep), float32 in every compute dtype:
+* `DeepLabV3Plus`: ASPP on layer4 + a one-3x3 decoder on layer1; outputs at stride 4.
+* `DeepLabV2`: sum of four dilated 3x3 convs on layer4; outputs at the output stride.
+The heads are separate modules (`DeepLabV3PlusHead`, `DeepLabV2Head`) so that they can be
+applied alone to fixed backbone features (the `heads.npz` goldens).
+"""
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from reco_jax import resampling
+from reco_jax.models import resnet
+from reco_jax.models.resnet import BatchNorm, Conv2d, Dtype
+
+# ASPP atrous rates per output stride (deeplabv3.py: ASPP(2048, [6, 12, 18]) at OS16; the
+# OS8 rates are the ones the official code names for dilate_scale=8).
+ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+# deeplabv2.py: Classifier_Module dilations.
+DEEPLABV2_RATES = (6, 12, 18, 24)
+
+
+class ConvBNReLU(nn.Module):
+  """Conv (no bias, padding = dilation * (k-1)/2) + BatchNorm + ReLU."""
+  features: int
+  kernel_size: int = 1
+  dilation: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    padding = self.dilation * (self.kernel_size - 1) // 2
+    y = Conv2d(self.features, self.kernel_size, dilation=self.dilation, padding=padding,
+               dtype=self.dtype, name="conv")(x)
+    return nn.relu(BatchNorm(dtype=self.dtype, name="bn")(y, train))
+
+
+class ASPP(nn.Module):
+  """aspp.py: ASPP. Five branches of `features` channels, concatenated, then 1x1 + BN + ReLU.
+
+  Branches `convs_0` (1x1), `convs_1..3` (3x3, dilation = padding = rate) and `convs_4`
+  (global average pool + 1x1, broadcast back: bilinear up-sampling from 1x1 is a copy).
+  No dropout (it is commented out in the official code).
+  """
+  features: int = 256
+  rates: Sequence[int] = (6, 12, 18)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """[B,h,w,Cin] -> dtype[B,h,w,features]."""
+    branches = [ConvBNReLU(self.features, 1, dtype=self.dtype, name="convs_0")(x, train)]
+    for i, rate in enumerate(self.rates):
+      branches.append(ConvBNReLU(self.features, 3, rate, dtype=self.dtype,
+                                 name=f"convs_{i + 1}")(x, train))
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    pooled = ConvBNReLU(self.features, 1, dtype=self.dtype,
+                        name=f"convs_{len(self.rates) + 1}")(pooled, train)
+    branches.append(jnp.broadcast_to(pooled, branches[0].shape))
+    y = jnp.concatenate(branches, axis=-1)
+    return ConvBNReLU(self.features, 1, dtype=self.dtype, name="project")(y, train)
+
+
+class ConvHead(nn.Module):
+  """deeplabv3.py classifier / representation head.
+
+  3x3 conv (no bias, pad 1) + BN + ReLU + 1x1 conv with bias; only one 3x3, as officially.
+  """
+  hidden_features: int
+  out_features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = Conv2d(self.hidden_features, 3, padding=1, dtype=self.dtype, name="conv")(x)
+    y = nn.relu(BatchNorm(dtype=self.dtype, name="bn")(y, train))
+    return Conv2d(self.out_features, 1, use_bias=True, dtype=self.dtype, name="out")(y)
+
+
+class DeepLabV3PlusHead(nn.Module):
+  """deeplabv3.py: DeepLabv3Plus minus the backbone.
+
+  Attributes:
+    num_classes: classifier outputs.
+    rep_dim: representation channels (`output_dim`).
+    head_dim: ASPP / decoder width (256 officially).
+    project_dim: width of the low-level projection (48 officially).
+    aspp_rates: ASPP atrous rates ((6, 12, 18) at output stride 16).
+    dtype: compute dtype.
+  """
+  num_classes: int
+  rep_dim: int = 256
+  head_dim: int = 256
+  project_dim: int = 48
+  aspp_rates: Sequence[int] = ASPP_RATES[16]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_low: jax.Array, x_high: jax.Array,
+               train: bool) -> tuple[jax.Array, jax.Array]:
+    """Decoder and heads on fixed backbone features.
+
+    Args:
+      x_low: layer1 features [B,h,w,C1] (stride 4).
+      x_high: layer4 features [B,h',w',C4] (output stride).
+      train: batch statistics (and their running update) when True.
+
+    Returns:
+      (logits f32[B,h,w,num_classes], rep f32[B,h,w,rep_dim]).
+    """
+    aspp = ASPP(self.head_dim, self.aspp_rates, dtype=self.dtype, name="ASPP")(x_high, train)
+    low = ConvBNReLU(self.project_dim, 1, dtype=self.dtype, name="project")(x_low, train)
+    aspp = resampling.resize_bilinear_align_corners(aspp, low.shape[1:3])
+    features = jnp.concatenate([low, aspp.astype(low.dtype)], axis=-1)
+    logits = ConvHead(self.head_dim, self.num_classes, dtype=self.dtype,
+                      name="classifier")(features, train)
+    rep = ConvHead(self.head_dim, self.rep_dim, dtype=self.dtype,
+                   name="representation")(features, train)
+    return logits.astype(jnp.float32), rep.astype(jnp.float32)
+
+
+class DilatedConvSum(nn.Module):
+  """deeplabv2.py: Classifier_Module, the sum of 3x3 convs with bias, dilation = padding = rate."""
+  features: int
+  rates: Sequence[int] = DEEPLABV2_RATES
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out = 0
+    for i, rate in enumerate(self.rates):
+      # Official init: weights N(0, 0.01), PyTorch-default biases.
+      out = out + Conv2d(self.features, 3, dilation=rate, padding=rate, use_bias=True,
+                         kernel_init=nn.initializers.normal(0.01), dtype=self.dtype,
+                         name=f"conv_{i}")(x)
+    return out
+
+
+class DeepLabV2Head(nn.Module):
+  """deeplabv2.py: DeepLabv2 minus the backbone; outputs at the input's resolution."""
+  num_classes: int
+  rep_dim: int = 256
+  rates: Sequence[int] = DEEPLABV2_RATES
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_high: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    """x_high [B,h,w,C4] -> (f32[B,h,w,classes], f32[B,h,w,rep_dim]). `train` is unused (no BN)."""
+    del train
+    logits = DilatedConvSum(self.num_classes, self.rates, dtype=self.dtype,
+                            name="classifier")(x_high)
+    rep = Conv2d(self.rep_dim, 1, use_bias=True, dtype=self.dtype,
+                 name="representation")(x_high)
+    return logits.astype(jnp.float32), rep.astype(jnp.float32)
+
+
+class DeepLabV3Plus(nn.Module):
+  """Backbone + `DeepLabV3PlusHead`; (logits, rep) at stride 4, float32.
+
+  Attributes:
+    backbone: a `resnet.ResNet`; its `output_stride` picks the ASPP rates.
+    num_classes, rep_dim, head_dim, project_dim, dtype: as in `DeepLabV3PlusHead`.
+  """
+  backbone: resnet.ResNet
+  num_classes: int
+  rep_dim: int = 256
+  head_dim: int = 256
+  project_dim: int = 48
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    """f32[B,H,W,3] -> (f32[B,h,w,num_classes], f32[B,h,w,rep_dim]), h = layer1 height."""
+    x_low, x_high = self.backbone(images, train)
+    return DeepLabV3PlusHead(self.num_classes, self.rep_dim, self.head_dim, self.project_dim,
+                             ASPP_RATES[self.backbone.output_stride], dtype=self.dtype,
+                             name="head")(x_low, x_high, train)
+
+
+class DeepLabV2(nn.Module):
+  """Backbone + `DeepLabV2Head`; (logits, rep) at the backbone's output stride, float32."""
+  backbone: resnet.ResNet
+  num_classes: int
+  rep_dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    """f32[B,H,W,3] -> (f32[B,h,w,num_classes], f32[B,h,w,rep_dim]), h = layer4 height."""
+    _, x_high = self.backbone(images, train)
+    return DeepLabV2Head(self.num_classes, self.rep_dim, dtype=self.dtype,
+                         name="head")(x_high, train)
