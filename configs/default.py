@@ -30,7 +30,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.eval_batch_size = 8  # global eval batch
   config.input.eval_size = (64, 64)  # eval images are padded to this (H, W)
   config.input.num_labeled = 0  # 0 = every training image is labelled
-  config.input.labeled_ids = ()  # explicit ids of labelled images (overrides num_labeled)
+  config.input.labeled_ids = ()  # explicit ids (or split-file paths) of labelled images
+  # Class threshold of the official class-balanced selection (None: the dataset's, e.g.
+  # VOC 3, Cityscapes 12; build_data.py: get_pascal_idx unique_num).
+  config.input.min_classes = ml_collections.FieldReference(None, field_type=int)
+  # Directory of sparse label maps ("partial labels, full dataset"; written by
+  # `python -m input_pipeline.partial_labels`), e.g. <out>/p1_seed0. None = full labels.
+  config.input.partial_labels_dir = ml_collections.FieldReference(None, field_type=str)
+  config.input.num_threads = 0  # tf.data threads per process; 0 = half the host's cores
   config.input.shuffle_buffer = 512
   config.input.color_jitter_prob = 0.8  # build_data.py: transform
   config.input.blur_prob = 0.5
@@ -41,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.synthetic.num_train = 512
   config.input.synthetic.num_val = 64
   config.input.synthetic.image_size = (64, 64)
+  config.input.synthetic.seed = 0
 
   # ---- model ----------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()

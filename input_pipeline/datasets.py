@@ -9,9 +9,16 @@ are infinite, shuffled and augmented with stateless per-example seeds, so a stre
 function of (seed, process index, stream kind). Eval streams are finite, padded to a fixed
 image size and to the same number of batches in every process, with a `mask` for the padding.
 
+The labelled subset of a training split follows `splits.labeled_ids_for_run` (explicit ids or
+split files, then `<workdir>/labeled_ids.txt` of an earlier run, then the dataset's selection
+rule on the class-presence table stored by `input_pipeline.prepare`). In "partial labels, full
+dataset" mode (`input.partial_labels_dir`) every training image is in both streams and its
+label is read from `<partial_labels_dir>/<image_id>.png`; eval always uses the full labels.
+
 Multi-process runs: TFDS datasets must be prepared before processes other than 0 read them.
 Call `prepare(input_config)` in process 0 and sync (e.g. `multihost_utils.sync_global_devices`)
-before creating iterators; in process 0 the iterator functions prepare on demand.
+before creating iterators; in process 0 the iterator functions prepare on demand. Only process
+0 writes `labeled_ids.txt`; the others compute the same ids.
 """
 import abc
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +33,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import builders
+from input_pipeline import partial_labels
+from input_pipeline import prepare as prepare_lib
 from input_pipeline import preprocess
+from input_pipeline import splits
 from input_pipeline import synthetic
 from input_pipeline.builders import base
 
@@ -60,6 +70,8 @@ class _Source(abc.ABC):
   """
 
   info: DatasetInfo
+  # Whether `read` yields encoded PNG labels (then a partial label replaces them as PNG bytes).
+  labels_encoded: bool
 
   @abc.abstractmethod
   def splits(self) -> tuple[str, ...]:
@@ -82,6 +94,10 @@ class _Source(abc.ABC):
   def decode(self, example: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(u8[H,W,3] image, u8[H,W,1] label, tf.string image id) of one `read` example."""
 
+  def class_presence(self, split: str) -> np.ndarray:
+    """`bool[N, C]`: the classes of each image of `split`, rows in `image_ids(split)` order."""
+    raise ValueError(f"{self.info.name} has no class-presence table (split {split!r})")
+
   def check_split(self, split: str) -> None:
     if split not in self.splits():
       raise ValueError(f"{self.info.name} has no split {split!r}; available: "
@@ -90,6 +106,8 @@ class _Source(abc.ABC):
 
 class _SyntheticSource(_Source):
   """The embedded procedural dataset; examples are generated on first read and then cached."""
+
+  labels_encoded = False
 
   def __init__(self, input_config: ml_collections.ConfigDict):
     cfg = input_config.synthetic
@@ -136,7 +154,13 @@ class _SyntheticSource(_Source):
 
 
 class _TfdsSource(_Source):
-  """A dataset prepared by one of `input_pipeline.builders` (read without decoding)."""
+  """A dataset prepared by one of `input_pipeline.builders` (read without decoding).
+
+  The ids of a split come from its class-presence table (written by `prepare`, in the split's
+  order; computed once from the labels if missing), so listing them reads no image records.
+  """
+
+  labels_encoded = True
 
   def __init__(self, builder_cls: type[base.SegmentationBuilder],
                input_config: ml_collections.ConfigDict, process_index: int):
@@ -148,8 +172,9 @@ class _TfdsSource(_Source):
             "input_pipeline.datasets.prepare(config.input) in process 0 before the others read")
       base.prepare(builder, input_config.manual_dir)
     self._builder = builder
+    self._process_index = process_index
     self.info = get_dataset_info(input_config)
-    self._ids = {}
+    self._tables = {}
 
   def splits(self):
     return tuple(self._builder.info.splits.keys())
@@ -160,12 +185,18 @@ class _TfdsSource(_Source):
     return self._builder.as_dataset(split=split, shuffle_files=False, decoders=skip,
                                     read_config=tfds.ReadConfig(try_autocache=False))
 
-  def image_ids(self, split):
+  def _table(self, split: str) -> tuple[list[str], np.ndarray]:
     self.check_split(split)
-    if split not in self._ids:
-      ds = self._as_dataset(split).map(lambda ex: ex["image_id"])
-      self._ids[split] = [x.decode() for x in ds.as_numpy_iterator()]
-    return self._ids[split]
+    if split not in self._tables:
+      self._tables[split] = prepare_lib.class_presence_for(self._builder, split,
+                                                           write=self._process_index == 0)
+    return self._tables[split]
+
+  def image_ids(self, split):
+    return self._table(split)[0]
+
+  def class_presence(self, split):
+    return self._table(split)[1]
 
   def num_examples(self, split, process_index, process_count):
     self.check_split(split)
@@ -224,40 +255,51 @@ def get_dataset_info(input_config: ml_collections.ConfigDict) -> DatasetInfo:
 
 
 def prepare(input_config: ml_collections.ConfigDict) -> None:
-  """Prepares a TFDS dataset from `input_config.manual_dir` if needed (no-op for synthetic)."""
-  if _check_name(input_config.dataset) != SYNTHETIC:
-    _get_source(input_config, process_index=0)
+  """Prepares a TFDS dataset and its class-presence tables if needed (no-op for synthetic).
+
+  Reads `input_config.manual_dir` the first time; afterwards only checks.
+  """
+  name = _check_name(input_config.dataset)
+  if name != SYNTHETIC:
+    builder = prepare_lib.prepare_dataset(builders.get_builder_class(name),
+                                          input_config.manual_dir, input_config.data_dir)
+    if input_config.train_split in builder.info.splits:
+      prepare_lib.class_presence_for(builder, input_config.train_split)
 
 
-def select_labeled_ids(all_ids: Sequence[str], *, labeled_ids: Sequence[str],
-                       num_labeled: int, seed: int) -> list[str] | None:
-  """The labelled subset of a training split, in the split's order; None means all images.
+def _training_subsets(source: _Source, input_config: ml_collections.ConfigDict, *, seed: int,
+                      workdir: str | None, process_index: int
+                      ) -> tuple[list[str] | None, list[str] | None]:
+  """The (labelled, unlabelled) ids of the training split; None means every image.
 
-  `labeled_ids` wins when non-empty; otherwise `num_labeled > 0` draws that many ids uniformly
-  without replacement from `np.random.default_rng(seed)` (the same in every process). The
-  official class-balanced selection (`build_data.py: get_pascal_idx`) is not this; it comes
-  with the label-partition protocols.
+  The labelled ids are `splits.labeled_ids_for_run`'s, the one place that chooses them (see
+  the module docstring); the unlabelled ones are the rest, in the split's order. When every
+  image is labelled (the official `num_labels = 0`, and always in partial-label mode) both
+  are None: every image is in both streams.
 
   Raises:
-    ValueError: an unknown id, a duplicate, or more labelled images than the split has.
+    ValueError: bad ids, a conflicting `labeled_ids.txt`, an impossible selection, or a
+      labelled subset requested in partial-label mode.
   """
-  position = {image_id: k for k, image_id in enumerate(all_ids)}
-  if labeled_ids:
-    unknown = [i for i in labeled_ids if i not in position]
-    if unknown:
-      raise ValueError(f"input.labeled_ids has {len(unknown)} id(s) not in the training split, "
-                       f"e.g. {unknown[0]!r}")
-    if len(set(labeled_ids)) != len(labeled_ids):
-      dup = next(i for i in labeled_ids if list(labeled_ids).count(i) > 1)
-      raise ValueError(f"input.labeled_ids lists {dup!r} twice")
-    return sorted(labeled_ids, key=position.__getitem__)
-  if num_labeled > 0:
-    if num_labeled > len(all_ids):
-      raise ValueError(f"input.num_labeled={num_labeled} exceeds the {len(all_ids)} training "
-                       "images")
-    chosen = np.random.default_rng(seed).choice(len(all_ids), num_labeled, replace=False)
-    return [all_ids[k] for k in sorted(chosen)]
-  return None
+  split = input_config.train_split
+  source.check_split(split)
+  labeled_ids, num_labeled = tuple(input_config.labeled_ids), int(input_config.num_labeled)
+  partial_dir = input_config.get("partial_labels_dir")
+  if partial_dir and (num_labeled or labeled_ids):
+    # train_semisup_partial.py: BuildDataLoader(dataset, 0), sparse labels on every image.
+    raise ValueError(
+        f"input.partial_labels_dir={partial_dir} (partial labels, full dataset) labels every "
+        f"training image sparsely, so input.num_labeled must be 0 and input.labeled_ids empty "
+        f"(got num_labeled={num_labeled}, {len(labeled_ids)} labeled_ids)")
+  train_ids = source.image_ids(split)
+  labeled = splits.labeled_ids_for_run(
+      dataset=source.info.name, train_ids=train_ids, num_labeled=num_labeled, seed=seed,
+      labeled_ids=labeled_ids, workdir=workdir, presence=lambda: source.class_presence(split),
+      min_classes=input_config.get("min_classes"), write=process_index == 0)
+  if len(labeled) == len(train_ids):
+    return None, None
+  chosen = set(labeled)
+  return labeled, [i for i in train_ids if i not in chosen]
 
 
 def ids_for_process(ids: Sequence[str], process_index: int, process_count: int) -> list[str]:
@@ -280,34 +322,22 @@ def _options(input_config: ml_collections.ConfigDict) -> tf.data.Options:
   options.deterministic = True
   # Half the cores by default (2 on this 2-core box): tf.data shares the host with XLA.
   default_threads = max(2, (os.cpu_count() or 2) // 2)
-  options.threading.private_threadpool_size = int(input_config.get("num_threads",
-                                                                   default_threads))
+  threads = int(input_config.get("num_threads", 0)) or default_threads
+  options.threading.private_threadpool_size = threads
   options.threading.max_intra_op_parallelism = 1
   return options
 
 
 def make_train_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
                        local_batch_size: int, process_index: int, process_count: int,
-                       labeled: bool = True, start_step: int = 0) -> tf.data.Dataset:
+                       labeled: bool = True, start_step: int = 0,
+                       workdir: str | None = None) -> tf.data.Dataset:
   """The infinite tf.data stream behind `create_train_iterator` (same arguments)."""
   source = _get_source(input_config, process_index)
   split = input_config.train_split
-  source.check_split(split)
-  labeled_ids, num_labeled = tuple(input_config.labeled_ids), int(input_config.num_labeled)
-  subset = all_ids = None
-  if labeled_ids or num_labeled > 0:  # listing the ids of a TFDS split reads all its records
-    all_ids = source.image_ids(split)
-    subset = select_labeled_ids(all_ids, labeled_ids=labeled_ids, num_labeled=num_labeled,
-                                seed=seed)
-  if labeled:
-    ids = subset
-  elif subset is None:
-    ids = None  # no labelled subset: every image is also unlabelled (the official 0 labels)
-  else:
-    chosen = set(subset)
-    ids = [i for i in all_ids if i not in chosen]
-    if not ids:
-      raise ValueError("every training image is labelled: no unlabelled images are left")
+  labeled_ids, unlabeled_ids = _training_subsets(source, input_config, seed=seed,
+                                                 workdir=workdir, process_index=process_index)
+  ids = labeled_ids if labeled else unlabeled_ids
   local_ids = None if ids is None else ids_for_process(ids, process_index, process_count)
   if local_ids is None and source.num_examples(split, process_index, process_count) == 0:
     raise ValueError(f"process {process_index} of {process_count} has no {split} examples")
@@ -324,13 +354,20 @@ def make_train_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
     transform_kwargs = dict(scale_range=(1.0, 1.0), flip_prob=0.0, color_jitter_prob=0.0,
                             blur_prob=0.0)
 
+  partial_dir = input_config.get("partial_labels_dir")
+
   def transform(example, example_seed):
-    image, label, _ = source.decode(example)
+    image, label, image_id = source.decode(example)
+    if partial_dir:
+      label = _checked_partial_label(image, label, image_id, partial_dir)
     return preprocess.train_transform(image, label, example_seed,
                                       crop_size=tuple(input_config.crop_size), **transform_kwargs)
 
   ds = source.read(split, process_index=process_index, process_count=process_count,
                    image_ids=local_ids)
+  if partial_dir:
+    check_partial_labels(partial_dir, source.image_ids(split))
+    ds = partial_labels.attach_partial_labels(ds, partial_dir, encoded=source.labels_encoded)
   ds = ds.cache().repeat().shuffle(int(input_config.shuffle_buffer),
                                    seed=stream_seed(seed, process_index, order_kind))
   # One i64[2] seed per example, zipped in so that it does not depend on map parallelism.
@@ -347,26 +384,59 @@ def make_train_dataset(input_config: ml_collections.ConfigDict, *, seed: int,
 
 def create_train_iterator(input_config: ml_collections.ConfigDict, *, seed: int,
                           local_batch_size: int, process_index: int, process_count: int,
-                          labeled: bool = True, start_step: int = 0) -> Iterator[Batch]:
+                          labeled: bool = True, start_step: int = 0,
+                          workdir: str | None = None) -> Iterator[Batch]:
   """Infinite iterator of this process's training batches.
 
   Args:
     input_config: `config.input`.
-    seed: the run's seed; also selects a random labelled subset (identically in every process).
+    seed: the run's seed; also seeds the labelled-subset selection (identically in every
+      process).
     local_batch_size: examples per batch in this process.
     process_index, process_count: this process and the number of processes.
     labeled: True for the labelled subset with full augmentation; False for the unlabelled
-      stream (crop/pad only, as the official), which still carries its labels.
+      stream (crop/pad only, as the official), which still carries its labels (partial
+      labels in partial-label mode, full labels otherwise, for monitoring).
     start_step: batches already consumed (when resuming): the iterator continues the stream of
       an uninterrupted run from batch `start_step`.
+    workdir: the run's directory: a selected labelled subset is written to (process 0) and
+      read back from `<workdir>/labeled_ids.txt`. None: neither.
 
   Returns:
     Iterator of {'image': f32[b,H,W,3] ImageNet-normalised, 'label': i32[b,H,W] (-1 = ignore)}
     with (H, W) = input_config.crop_size and b = local_batch_size.
   """
-  return make_train_dataset(input_config, seed=seed, local_batch_size=local_batch_size,
-                            process_index=process_index, process_count=process_count,
-                            labeled=labeled, start_step=start_step).as_numpy_iterator()
+  ds = make_train_dataset(input_config, seed=seed, local_batch_size=local_batch_size,
+                          process_index=process_index, process_count=process_count,
+                          labeled=labeled, start_step=start_step, workdir=workdir)
+  return _with_plain_assertions(ds.as_numpy_iterator())
+
+
+def check_partial_labels(label_dir: str, image_ids: Sequence[str]) -> None:
+  """Raises a one-line FileNotFoundError if `<label_dir>/<id>.png` is missing for an id."""
+  if not os.path.isdir(label_dir):
+    raise FileNotFoundError(f"input.partial_labels_dir {label_dir} does not exist; write it "
+                            f"with `python -m input_pipeline.partial_labels`")
+  present = set(os.listdir(label_dir))
+  missing = [i for i in image_ids if f"{i}.png" not in present]
+  if missing:
+    raise FileNotFoundError(
+        f"partial label {os.path.join(label_dir, missing[0] + '.png')} does not exist "
+        f"({len(missing)} of {len(image_ids)} training images have none in {label_dir})")
+
+
+def _checked_partial_label(image: tf.Tensor, label: tf.Tensor, image_id: tf.Tensor,
+                           label_dir: str) -> tf.Tensor:
+  """`label` after checking that the partial label map has the image's size."""
+  image_hw, label_hw = tf.shape(image)[:2], tf.shape(label)[:2]
+  message = tf.strings.join([
+      "partial label ", os.path.join(label_dir, ""), image_id, ".png is ",
+      tf.strings.as_string(label_hw[0]), "x", tf.strings.as_string(label_hw[1]),
+      " (HxW) but its image is ", tf.strings.as_string(image_hw[0]), "x",
+      tf.strings.as_string(image_hw[1])])
+  check = tf.debugging.Assert(tf.reduce_all(image_hw == label_hw), [message])
+  with tf.control_dependencies([check]):
+    return tf.identity(label)
 
 
 def make_eval_dataset(input_config: ml_collections.ConfigDict, *, split: str,

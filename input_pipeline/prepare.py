@@ -49,12 +49,18 @@ def compute_class_presence(builder: base.SegmentationBuilder,
   return ids, np.stack(rows) if rows else np.zeros((0, builder.num_classes), bool)
 
 
-def class_presence_for(builder: base.SegmentationBuilder,
-                       split: str = TRAIN_SPLIT) -> tuple[list[str], np.ndarray]:
-  """The stored table of a prepared builder, computed and stored first if missing."""
+def class_presence_for(builder: base.SegmentationBuilder, split: str = TRAIN_SPLIT, *,
+                       write: bool = True) -> tuple[list[str], np.ndarray]:
+  """The stored table of a prepared builder, computed (and stored if `write`) when missing.
+
+  `write=False` is for processes other than 0 of a multi-process run: they compute the same
+  table in memory rather than race process 0 for the file.
+  """
   path = presence_path(builder, split)
   if not os.path.exists(path):
     ids, presence = compute_class_presence(builder, split)
+    if not write:
+      return ids, presence
     splits.save_class_presence(path, ids, presence)
   return splits.load_class_presence(path)
 

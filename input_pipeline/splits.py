@@ -1,26 +1,32 @@
 """Which training images are labelled: ReCo's subset selection and the field's split files.
 
-Three ways to choose the labelled images of a run, in order of precedence
-(`labeled_ids_for_run`):
+Four ways to choose the labelled images of a run, in order of precedence
+(`labeled_ids_for_run`, the one place that decides):
 
 1. **Explicit ids** (`config.input.labeled_ids`): image ids, or paths to split files
    (entries ending in `.txt`, read with `read_split_file`). This is how the field's standard
    splits are used, e.g. `labeled_ids=('splits/pascal/92/labeled.txt',)`.
-2. **A previous selection in the workdir** (`labeled_ids.txt`, written by step 3): a resumed
-   run reads it back instead of selecting again. Its header records the request, and a
-   mismatch with the current config is an error rather than a silent reuse.
-3. **ReCo's "partial dataset, full labels" selection** (`config.input.num_labeled > 0`):
-   `select_labeled_subset` (VOC, Cityscapes) or `select_labeled_subset_sun` (SUN RGB-D),
-   seeded with `config.seed`, written to the workdir so that the run is reproducible
-   without re-running the selection.
-
-With `num_labeled == 0` and no ids, every training image is labelled.
+2. **A previous selection in the workdir** (`labeled_ids.txt`, written by steps 1 and 3): a
+   resumed run reads it back instead of selecting again. Its header records the request, and
+   a mismatch with the current config is an error rather than a silent reuse.
+3. **`config.input.num_labeled == 0`**: every training image is labelled (and, in
+   semi-supervised runs, also unlabelled: the official `BuildDataLoader(dataset, 0)`).
+4. **Selection of `num_labeled > 0` images**, seeded with `config.seed` and written to the
+   workdir, by the dataset's rule in `SELECTION_RULES`: ReCo's class-balanced rule
+   (`select_labeled_subset`: VOC, Cityscapes, and CamVid, which has no official rule; see
+   below) or its SUN variant (`select_labeled_subset_sun`). Datasets without a rule (the
+   synthetic one) draw uniformly at random (`select_random_subset`).
 
 The selection reads only which classes each image contains, so it runs on a class-presence
 table (`bool[N, C]`, rows in the dataset's official id order) that `input_pipeline.prepare`
 computes once from the label maps and stores next to the prepared dataset
 (`save_class_presence` / `load_class_presence`). The official code instead opens each
 candidate's mask inside the loop; the result is the same.
+
+CamVid has no official ReCo protocol. It uses the VOC rule with the VOC threshold (3 classes;
+nearly every CamVid frame has more), because for the small label budgets of semi-supervised
+benchmarks a uniform draw can miss its rare classes (pedestrian, bicyclist, sign) entirely.
+`config.input.min_classes` overrides the threshold as for VOC.
 
 Split-file format (`read_split_file`)
 -------------------------------------
@@ -50,12 +56,16 @@ import numpy as np
 # build_data.py: get_pascal_idx / get_cityscapes_idx, "unique_num >= 3" and ">= 12".
 VOC_MIN_CLASSES = 3
 CITYSCAPES_MIN_CLASSES = 12
-# Per dataset: (number of classes, class threshold or None for the SUN variant).
+# Not official (see the module docstring): the VOC rule and threshold.
+CAMVID_MIN_CLASSES = VOC_MIN_CLASSES
+# Per dataset: (number of classes, class threshold or None for the SUN variant). Datasets
+# not listed here draw their labelled subset uniformly at random.
 SELECTION_RULES = {
     "voc": (21, VOC_MIN_CLASSES),
     "cityscapes": (19, CITYSCAPES_MIN_CLASSES),
     "cityscapes_full": (19, CITYSCAPES_MIN_CLASSES),
     "sun": (37, None),
+    "camvid": (11, CAMVID_MIN_CLASSES),
 }
 
 LABELED_IDS_FILE = "labeled_ids.txt"
@@ -243,17 +253,52 @@ def select_labeled_subset_sun(ids: Sequence[str], presence: np.ndarray, num_labe
   return labeled, _complement(ids, labeled)
 
 
-def select_for_dataset(dataset: str, ids: Sequence[str], presence: np.ndarray, num_labeled: int,
-                       seed: int, min_classes: int | None = None) -> tuple[list[str], list[str]]:
-  """Dispatches to the official rule of `dataset` (a key of `SELECTION_RULES`).
+def select_random_subset(ids: Sequence[str], num_labeled: int,
+                         seed: int) -> tuple[list[str], list[str]]:
+  """A uniformly random labelled subset, for datasets without a rule in `SELECTION_RULES`.
 
-  `min_classes` overrides the VOC/Cityscapes threshold (the README lowers it for larger
-  label counts); it is not used by the SUN rule.
+  `num_labeled` ids drawn without replacement by `np.random.default_rng(seed)`.
+
+  Returns:
+    `(labelled ids, unlabelled ids)`, both in the order of `ids`. With `num_labeled == 0`
+    both are all ids.
   """
+  _check_selection_args(ids, np.zeros((len(ids), 0), bool), num_labeled)
+  if num_labeled == 0:
+    return list(ids), list(ids)
+  chosen = np.random.default_rng(seed).choice(len(ids), num_labeled, replace=False)
+  labeled = [ids[k] for k in sorted(chosen)]
+  return labeled, _complement(ids, labeled)
+
+
+def select_for_dataset(dataset: str, ids: Sequence[str], presence: np.ndarray | None,
+                       num_labeled: int, seed: int,
+                       min_classes: int | None = None) -> tuple[list[str], list[str]]:
+  """The labelled subset by `dataset`'s rule in `SELECTION_RULES` (else uniformly at random).
+
+  Args:
+    dataset: the `config.input.dataset` name.
+    ids: training ids in the official order.
+    presence: `bool[N, C]` rows of `ids`; not read by the random rule (may be None there).
+    num_labeled: N_l; 0 means every image is labelled.
+    seed: the run's seed.
+    min_classes: overrides the class threshold of the VOC/Cityscapes/CamVid rule (the README
+      lowers it for larger label counts); an error for rules without a threshold.
+
+  Returns:
+    `(labelled ids, unlabelled ids)` as the rule's function returns them.
+  """
+  num_classes, default_min = SELECTION_RULES.get(dataset, (None, None))
+  if min_classes is not None and default_min is None:
+    rule = "the SUN rule" if dataset in SELECTION_RULES else "a uniform random draw"
+    raise ValueError(f"input.min_classes={min_classes} does not apply to {dataset!r}: its "
+                     f"labelled subset is {rule}, which has no class threshold")
   if dataset not in SELECTION_RULES:
-    raise ValueError(f"no labelled-subset rule for dataset {dataset!r}; "
-                     f"known: {sorted(SELECTION_RULES)}")
-  num_classes, default_min = SELECTION_RULES[dataset]
+    return select_random_subset(ids, num_labeled, seed)
+  if presence is None:
+    raise ValueError(f"selecting {num_labeled} labelled {dataset} images needs the "
+                     f"class-presence table")
+  presence = np.asarray(presence, bool)
   if presence.shape[-1] != num_classes:
     raise ValueError(f"class presence for {dataset!r} has {presence.shape[-1]} classes; "
                      f"expected {num_classes}")
@@ -381,57 +426,80 @@ def class_presence_table(ids: Sequence[str], read_label: Callable[[str], np.ndar
 
 def labeled_ids_for_run(*, dataset: str, train_ids: Sequence[str], num_labeled: int, seed: int,
                         labeled_ids: Sequence[str] = (), workdir: str | None = None,
-                        presence: np.ndarray | None = None,
-                        min_classes: int | None = None) -> list[str]:
+                        presence: np.ndarray | Callable[[], np.ndarray] | None = None,
+                        min_classes: int | None = None, write: bool = True) -> list[str]:
   """The labelled ids of a run (precedence in the module docstring).
 
   Args:
-    dataset: 'voc', 'cityscapes' or 'sun' (selects the rule).
+    dataset: the `config.input.dataset` name (selects the rule).
     train_ids: all training ids in the official order (the class-presence table's order).
     num_labeled: `config.input.num_labeled`.
     seed: `config.seed`.
     labeled_ids: `config.input.labeled_ids`; entries ending in `.txt` are split files.
-    workdir: where `labeled_ids.txt` is written / read back; None writes nothing.
-    presence: `bool[N, C]` rows of `train_ids`; needed only when selecting.
-    min_classes: overrides the VOC/Cityscapes threshold.
+    workdir: where `labeled_ids.txt` is written / read back; None writes and reads nothing.
+    presence: `bool[N, C]` rows of `train_ids`, or a function returning it (called only when
+      a rule that reads it actually selects, so a resumed run never computes the table).
+    min_classes: overrides the class threshold of the rule (`select_for_dataset`).
+    write: write `labeled_ids.txt` (False in all processes but one of a multi-process run;
+      the others obtain the same ids deterministically).
 
   Returns:
-    Labelled ids (all of `train_ids` when nothing restricts them).
+    Labelled ids: in file/config order for explicit ids, in selection order for a selection,
+    all of `train_ids` (in order) when nothing restricts them.
+
+  Raises:
+    ValueError: an unknown id, a `labeled_ids.txt` recorded for a different request, or a
+      request the dataset's rule cannot satisfy (`SelectionError`).
   """
+  path = None if workdir is None else os.path.join(workdir, LABELED_IDS_FILE)
+  recorded = None
+  if path is not None and os.path.exists(path):
+    recorded = read_ids_with_header(path)
   if labeled_ids:
-    out, seen = [], set()
-    for entry in labeled_ids:
-      new = read_split_file(entry, train_ids) if entry.endswith(".txt") else [entry]
-      for image_id in new:
-        if image_id not in seen:
-          seen.add(image_id)
-          out.append(image_id)
-    known = set(train_ids)
-    missing = [i for i in out if i not in known]
-    if missing:
-      raise ValueError(f"config.input.labeled_ids: id {missing[0]!r} is not in the {dataset} "
-                       f"training split")
-    if workdir is not None:
-      write_ids(os.path.join(workdir, LABELED_IDS_FILE), out,
-                {"dataset": dataset, "source": "config.input.labeled_ids"})
+    out = _resolve_labeled_ids(dataset, train_ids, labeled_ids)
+    header = {"dataset": dataset, "source": "config.input.labeled_ids"}
+    if recorded is not None and (recorded[1] != header or recorded[0] != out):
+      raise ValueError(f"{path} records a different labelled set than config.input.labeled_ids "
+                       f"({len(recorded[0])} vs {len(out)} ids, recorded {recorded[1]}); use a "
+                       f"new workdir or delete the file")
+    if path is not None and write and recorded is None:
+      write_ids(path, out, header)
     return out
-  if num_labeled == 0:
-    return list(train_ids)
   request = {"dataset": dataset, "num_labeled": num_labeled, "seed": seed,
              "min_classes": "default" if min_classes is None else min_classes}
-  path = None if workdir is None else os.path.join(workdir, LABELED_IDS_FILE)
-  if path is not None and os.path.exists(path):
-    ids, header = read_ids_with_header(path)
+  if recorded is not None:
+    ids, header = recorded
     wanted = {k: str(v) for k, v in request.items()}
-    recorded = {k: header.get(k) for k in wanted}
-    if recorded != wanted:
-      raise ValueError(f"{path} was written for {recorded}, but this run asks for {wanted}; "
+    if header != wanted:
+      raise ValueError(f"{path} was written for {header}, but this run asks for {wanted}; "
                        f"use a new workdir or delete the file")
+    known = set(train_ids)
+    if unknown := [i for i in ids if i not in known]:
+      raise ValueError(f"{path} lists id {unknown[0]!r}, which is not in the {dataset} "
+                       f"training split")
     return ids
-  if presence is None:
-    raise ValueError(f"selecting {num_labeled} labelled {dataset} images needs the "
-                     f"class-presence table")
+  if num_labeled == 0:
+    return list(train_ids)
+  if callable(presence):
+    presence = presence() if dataset in SELECTION_RULES else None
   labeled, _ = select_for_dataset(dataset, train_ids, presence, num_labeled, seed, min_classes)
-  if path is not None:
+  if path is not None and write:
     write_ids(path, labeled, request)
   return labeled
+
+
+def _resolve_labeled_ids(dataset: str, train_ids: Sequence[str],
+                         labeled_ids: Sequence[str]) -> list[str]:
+  """Ids and split files -> ids in order, duplicates dropped, every id checked."""
+  out, seen = [], set()
+  for entry in labeled_ids:
+    new = read_split_file(entry, train_ids) if entry.endswith(".txt") else [entry]
+    for image_id in new:
+      if image_id not in seen:
+        seen.add(image_id)
+        out.append(image_id)
+  known = set(train_ids)
+  if missing := [i for i in out if i not in known]:
+    raise ValueError(f"config.input.labeled_ids: id {missing[0]!r} is not in the {dataset} "
+                     f"training split")
+  return out

@@ -323,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       stream: datasets.create_train_iterator(
           config.input, seed=config.seed, local_batch_size=parallel.local_batch_size(size),
           process_index=jax.process_index(), process_count=jax.process_count(),
-          labeled=stream == "labeled", start_step=start_step)
+          labeled=stream == "labeled", start_step=start_step, workdir=workdir)
       for stream, size in batch_sizes.items()}
   eval_batches, _ = datasets.create_eval_iterator(
       config.input, split=config.input.eval_split,

@@ -7,6 +7,7 @@ import tensorflow as tf
 from configs import default
 from input_pipeline import datasets
 from input_pipeline import preprocess
+from input_pipeline import splits
 from input_pipeline import synthetic
 
 MEAN = np.array(preprocess.IMAGENET_MEAN, np.float32)
@@ -396,23 +397,36 @@ def test_labeled_and_unlabeled_subsets():
     np.testing.assert_array_equal(label, want)
 
 
-def test_select_labeled_ids():
-  ids = [f"im{k}" for k in range(10)]
-  a = datasets.select_labeled_ids(ids, labeled_ids=(), num_labeled=3, seed=0)
-  assert a == datasets.select_labeled_ids(ids, labeled_ids=(), num_labeled=3, seed=0)
-  assert len(a) == 3 and a == sorted(a, key=ids.index)
-  others = {tuple(datasets.select_labeled_ids(ids, labeled_ids=(), num_labeled=3, seed=s))
-            for s in range(1, 6)}
-  assert len(others | {tuple(a)}) > 1
-  assert datasets.select_labeled_ids(ids, labeled_ids=(), num_labeled=0, seed=0) is None
-  assert datasets.select_labeled_ids(ids, labeled_ids=("im5", "im2"), num_labeled=3,
-                                     seed=0) == ["im2", "im5"]
-  with pytest.raises(ValueError, match="not in the training split, e.g. 'nope'"):
-    datasets.select_labeled_ids(ids, labeled_ids=("im1", "nope"), num_labeled=0, seed=0)
-  with pytest.raises(ValueError, match="lists 'im1' twice"):
-    datasets.select_labeled_ids(ids, labeled_ids=("im1", "im1"), num_labeled=0, seed=0)
-  with pytest.raises(ValueError, match="num_labeled=11 exceeds the 10"):
-    datasets.select_labeled_ids(ids, labeled_ids=(), num_labeled=11, seed=0)
+def test_num_labeled_draws_a_seeded_subset_and_records_it(tmp_path):
+  # The synthetic dataset has no official rule: a seeded uniform draw, written to the workdir.
+  cfg = _no_augmentation(_input_config(num_train=10))
+  cfg.num_labeled = 3
+  ids = [synthetic.image_id("train", k) for k in range(10)]
+  want, _ = splits.select_random_subset(ids, 3, seed=5)
+  assert want != splits.select_random_subset(ids, 3, seed=6)[0]
+  originals = synthetic.generate_split(0, "train", range(10), (32, 32))[0].astype(np.float32)
+
+  def source_ids(batch):
+    return {ids[next(k for k in range(10) if np.allclose(image, originals[k], atol=1e-3))]
+            for image in _denormalize(batch["image"])}
+
+  kwargs = dict(seed=5, local_batch_size=4, process_index=0, process_count=1)
+  workdir = tmp_path / "run"
+  labeled = _first_batches(cfg, n=3, workdir=str(workdir), **kwargs)
+  assert set().union(*map(source_ids, labeled)) == set(want)
+  recorded, header = splits.read_ids_with_header(str(workdir / splits.LABELED_IDS_FILE))
+  assert recorded == want and header["num_labeled"] == "3" and header["seed"] == "5"
+  unlabeled = _first_batches(cfg, n=4, labeled=False, workdir=str(workdir), **kwargs)
+  assert set().union(*map(source_ids, unlabeled)) == set(ids) - set(want)
+  # Only process 0 writes the file; the others compute the same subset.
+  other = tmp_path / "other"
+  other.mkdir()
+  _first_batches(cfg, n=1, workdir=str(other), seed=5, local_batch_size=4, process_index=1,
+                 process_count=2)
+  assert not list(other.iterdir())
+  cfg.num_labeled = 11
+  with pytest.raises(ValueError, match=r"num_labeled=11 is not in \[0, 10\]"):
+    _first_batches(cfg, n=1, **kwargs)
 
 
 def test_ids_for_process_partitions_and_never_starves():

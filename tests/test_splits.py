@@ -282,3 +282,58 @@ def test_selection_is_written_and_read_back(golden, tmp_path):
     splits.labeled_ids_for_run(**{**kwargs, "seed": 1}, presence=g["class_presence"])
   with pytest.raises(ValueError, match="needs the class-presence table"):
     splits.labeled_ids_for_run(**{**kwargs, "workdir": None})
+
+
+def test_random_rule_for_datasets_without_one_and_camvid_rule():
+  ids = [f"im{k}" for k in range(10)]
+  a, rest = splits.select_for_dataset("synthetic", ids, None, 3, seed=0)
+  assert (a, rest) == splits.select_random_subset(ids, 3, seed=0)
+  assert len(a) == 3 and a == sorted(a, key=ids.index) and rest == [i for i in ids if i not in a]
+  assert len({tuple(splits.select_random_subset(ids, 3, s)[0]) for s in range(6)}) > 1
+  assert splits.select_random_subset(ids, 0, 0) == (ids, ids)
+  with pytest.raises(splits.SelectionError, match=r"num_labeled=11 is not in \[0, 10\]"):
+    splits.select_random_subset(ids, 11, 0)
+  with pytest.raises(ValueError, match="min_classes=2 does not apply to 'synthetic'"):
+    splits.select_for_dataset("synthetic", ids, None, 3, 0, min_classes=2)
+  with pytest.raises(ValueError, match="min_classes=2 does not apply to 'sun'"):
+    splits.select_for_dataset("sun", ids, np.ones((10, 37), bool), 3, 0, min_classes=2)
+  # CamVid (no official rule) uses the VOC rule and threshold; min_classes overrides it.
+  ids, presence = _random_table(np.random.default_rng(3), 40, 11, 4)
+  for min_classes, threshold in ((None, 3), (1, 1)):
+    assert (splits.select_for_dataset("camvid", ids, presence, 8, 2, min_classes)
+            == splits.select_labeled_subset(ids, presence, 8, threshold, 2))
+
+
+def test_run_ids_conflicts_lazy_presence_and_write_flag(golden, tmp_path):
+  g = golden("split_selection_pascal.npz")
+  ids = [str(i) for i in g["image_ids"]]
+  calls = []
+
+  def presence():
+    calls.append(1)
+    return g["class_presence"]
+
+  workdir = str(tmp_path / "run")
+  kwargs = dict(dataset="voc", train_ids=ids, seed=0, workdir=workdir)
+  # write=False (processes > 0) selects the same ids and writes nothing.
+  quiet = splits.labeled_ids_for_run(num_labeled=10, presence=presence, write=False, **kwargs)
+  assert not (tmp_path / "run").exists()
+  first = splits.labeled_ids_for_run(num_labeled=10, presence=presence, **kwargs)
+  assert quiet == first == [ids[i] for i in g["seed0_n10_labelled"]] and len(calls) == 2
+  assert splits.labeled_ids_for_run(num_labeled=10, presence=presence, **kwargs) == first
+  assert len(calls) == 2  # read back: the table is not needed
+  # A different request on the same workdir is a conflict, including "all labelled" and ids.
+  with pytest.raises(ValueError, match=r"'num_labeled': '10'.* asks for .*'num_labeled': '0'"):
+    splits.labeled_ids_for_run(num_labeled=0, **kwargs)
+  with pytest.raises(ValueError, match="records a different labelled set than config.input"):
+    splits.labeled_ids_for_run(num_labeled=0, labeled_ids=(ids[0],), **kwargs)
+  # Explicit ids are recorded too, and a changed list is a conflict.
+  explicit = dict(kwargs, workdir=str(tmp_path / "explicit"), num_labeled=0)
+  assert splits.labeled_ids_for_run(labeled_ids=(ids[3], ids[1]), **explicit) == [ids[3], ids[1]]
+  assert splits.labeled_ids_for_run(labeled_ids=(ids[3], ids[1]), **explicit) == [ids[3], ids[1]]
+  with pytest.raises(ValueError, match=r"\(2 vs 1 ids"):
+    splits.labeled_ids_for_run(labeled_ids=(ids[3],), **explicit)
+  # A recorded id that the split no longer has.
+  with pytest.raises(ValueError, match=f"lists id '{first[0]}', which is not in the voc"):
+    splits.labeled_ids_for_run(**{**kwargs, "train_ids": [i for i in ids if i != first[0]]},
+                               num_labeled=10)

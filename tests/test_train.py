@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from input_pipeline import datasets
 from reco_jax import checkpointing, models, parallel, train
 
 
@@ -80,20 +81,43 @@ def _train_losses(workdir):
   return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+class _Killed(Exception):
+  pass
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
   config = _smoke_config(num_train_steps=4, checkpoint_every_steps=2, eval_every_steps=4)
   full = str(tmp_path / "full")
   train.train_and_evaluate(config, full)
+
+  # Kill the second run right after its step-2 checkpoint is written, then start it again.
   interrupted = str(tmp_path / "interrupted")
-  train.train_and_evaluate(_smoke_config(num_train_steps=2, checkpoint_every_steps=2, eval_every_steps=2),
-                           interrupted)
+  real_save = checkpointing.save_state
+
+  def save_then_die(manager, step, *args):
+    real_save(manager, step, *args)
+    manager.wait_until_finished()
+    raise _Killed(step)
+
+  monkeypatch.setattr(checkpointing, "save_state", save_then_die)
+  with pytest.raises(_Killed):
+    train.train_and_evaluate(config, interrupted)
+  monkeypatch.setattr(checkpointing, "save_state", real_save)
   train.train_and_evaluate(config, interrupted)  # resumes at step 2
+
   full_losses, resumed_losses = _train_losses(full), _train_losses(interrupted)
   assert sorted(resumed_losses) == [1, 2, 3, 4]
   for step in (3, 4):
     np.testing.assert_allclose(resumed_losses[step], full_losses[step], rtol=1e-6)
-  manager = checkpointing.create_resume_manager(full, 2, read_only=True)
-  assert manager.latest_step() == 4
+  num_classes = datasets.get_dataset_info(config.input).num_classes
+  mesh = parallel.create_mesh()
+  target = checkpointing.abstract_like(
+      train.create_state(config, models.create_model(config.model, num_classes), num_classes, mesh),
+      parallel.replicated(mesh))
+  finals = [checkpointing.restore_state(checkpointing.create_resume_manager(w, 2, read_only=True), target)
+            for w in (full, interrupted)]
+  assert int(finals[0].step) == int(finals[1].step) == 4
+  _assert_trees_close(finals[0].params, finals[1].params, rtol=1e-6, atol=1e-7)
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

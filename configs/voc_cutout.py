@@ -1,0 +1,17 @@
+"""Pascal VOC: mean teacher with CutOut mixing.
+
+Official: `train_semisup.py --apply_aug cutout --dataset pascal`.
+Protocol constants, data preparation and the device counts that fit the batches:
+configs/voc_base.py.
+The README's fewest-label run, seed 0:
+
+  python main.py --config=configs/voc_cutout.py --config.input.num_labeled=60 \
+      --config.input.data_dir=TFDS --config.seed=0 --workdir=W
+
+Variant `:smoke`: 3 steps, tiny model, small crops (eval size kept: it runs on the real data).
+"""
+from configs import voc_base
+
+
+def get_config(arg: str | None = None):
+  return voc_base.dataset_config("cutout", arg)
