@@ -23,9 +23,9 @@ or 5 devices and the supervised 10 on 1, 2, 5 or 10; elsewhere change `input.bat
 """
 import ml_collections
 
-from configs import default
-from reco_jax import methods
+from configs import reco_protocol
 
+EVAL_SPLIT = "test"  # ReCo's 475 test images; SUN RGB-D has no val split
 CROP_SIZE = (321, 321)
 SCALE_RANGE = (0.5, 1.5)
 EVAL_SIZE = (385, 513)  # im_size: the 384x512 images padded by one row and column
@@ -35,38 +35,7 @@ SUPERVISED_BATCH = 10  # train_sup.py doubles the batch
 
 def dataset_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """The SUN RGB-D config of `method` (a `reco_jax.methods.METHODS` key), with variant `arg`."""
-  uses_teacher = methods.get_method(method).uses_teacher
-  config = default.get_config()
-  config.method = method
-  config.input.dataset = "sun"
-  config.input.train_split = "train"
-  config.input.eval_split = "test"  # ReCo's 475 test images; SUN RGB-D has no val split
-  config.input.crop_size = CROP_SIZE
-  config.input.scale_range = SCALE_RANGE
-  config.input.eval_size = EVAL_SIZE
-  config.input.batch_size = SEMI_BATCH if uses_teacher else SUPERVISED_BATCH
-  config.input.unlabeled_batch_size = SEMI_BATCH if uses_teacher else 0
-  # The official test batch is 4; the eval batch does not change the metrics, and equal to the
-  # labelled batch it fits every device count that training fits.
-  config.input.eval_batch_size = config.input.batch_size
-  config.model.name = "deeplabv3plus"
-  config.model.backbone = "resnet101"
-  config.model.output_stride = 16
-  config.model.width = 64
-  config.model.head_dim = 256
-  config.model.rep_dim = 256
-  config.num_train_steps = 40_000  # 200 epochs x 200 iterations
-  # The official PolyLR steps once per 200-iteration epoch ('epoch'); the project default
-  # 'iteration' decays every step (reco_spec §10).
-  config.optim.schedule_unit = "iteration"
-  config.optim.steps_per_epoch = 200
-  # Official: validate after every epoch and report the best mIoU (a larger value saves time).
-  config.eval_every_steps = 200
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 1000
-  if arg:
-    default.apply_variant(config, arg)
-    # Keep the dataset's eval size so that the smoke variant also runs on the real images.
-    config.input.eval_size = EVAL_SIZE
-    config.input.unlabeled_batch_size = config.input.batch_size if uses_teacher else 0
-  return config
+  return reco_protocol.protocol_config(
+      method, arg, dataset="sun", eval_split=EVAL_SPLIT, crop_size=CROP_SIZE,
+      scale_range=SCALE_RANGE, eval_size=EVAL_SIZE, semi_batch=SEMI_BATCH,
+      supervised_batch=SUPERVISED_BATCH)
