@@ -52,7 +52,8 @@ def main(argv):
     results = evaluate.evaluate_checkpoint(config, FLAGS.workdir)
   if results:
     logging.info("final eval: mIoU %.4f, pixel accuracy %.4f", results["miou"], results["pixel_accuracy"])
-    print(f"mIoU {results['miou']:.4f}  pixel accuracy {results['pixel_accuracy']:.4f}")
+    best = f"  (best mIoU {results['best_miou']:.4f})" if "best_miou" in results else ""
+    print(f"mIoU {results['miou']:.4f}  pixel accuracy {results['pixel_accuracy']:.4f}{best}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run (nothing else heavy on the machine, if possible):
   cd <repo> && /work/venv/bin/python -m benchmarks.reco_loss [--runs 20] [--cases voc,...]
-  cd <repo> && /work/venv/bin/python -m benchmarks.reco_loss --with_train_step --train_batch 2
+  cd <repo> && /work/venv/bin/python -m benchmarks.reco_loss --cases voc,cityscapes --with_train_step
 
 Cases (synthetic inputs, Q=256, K=512, tau=0.5, delta_s=0.97):
 * voc:         rep 20x81x81x256, 21 classes, 6 present (VOC: batch 10+10, 321 crops);
@@ -16,12 +16,16 @@ Each row: median (min-max) wall time of `runs` calls after 3 warm-ups, every cal
 fresh key; the compiled program's temporary and peak memory from
 `jax.jit(...).lower(...).compile().memory_analysis()`.
 
-`--with_train_step` also times a supervised DeepLabv3+ train step (forward, CE, backward)
-with `reco_jax.models.create_model` at `--train_batch` x `--train_crop`, and prints the
-ReCo loss time as a fraction of it at the same batch (see `train_step_seconds`).
+`--with_train_step` also times, for each case, the supervised ResNet-101 DeepLabv3+ train
+step (forward, CE, backward; `train_step_seconds`) on the images that produce that case's
+representation (voc: 20 crops of 321; cityscapes: 4 crops of 512) and prints the ReCo loss
+time as a fraction of it. `--train_batch=N` uses N images instead (and times ReCo again at
+that batch): with fewer images the fraction is an upper bound, since the ReCo cost is
+dominated by the fixed Q x K draws while the step scales with the batch.
 """
 import argparse
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reco_jax.losses import reco
+from reco_jax.losses import reco, supervised
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,36 +132,42 @@ def benchmark_case(case: Case, runs: int, num_queries: int = 256, num_negatives:
   }
 
 
-def train_step_seconds(batch: int, crop: int, num_classes: int, backbone: str,
-                       runs: int) -> float:
-  """Median wall time of a supervised DeepLabv3+ step: forward, CE, backward (no update).
+CROP_SIZES = {"voc": 321, "voc_19": 321, "cityscapes": 512, "official_9": 321, "official_19": 321}
 
-  The hook for "ReCo cost relative to the train step": the ReCo loss adds its own
-  forward+backward on top of this.
+
+def train_step_seconds(batch: int, crop: int, num_classes: int, backbone: str,
+                       runs: int) -> tuple[float, int]:
+  """Median wall time of a supervised DeepLabv3+ step (forward, CE, backward, no update).
+
+  The reference for "ReCo cost relative to the train step": the ReCo loss adds its own
+  forward+backward on top of this. The model is the official one (`default.base_config()`:
+  DeepLabv3+, output stride 16, 256-channel heads) on `backbone`.
+
+  Returns:
+    (median seconds, compiled temporary memory in bytes).
   """
   from configs import default as default_config  # pylint: disable=import-outside-toplevel
   from reco_jax import models  # pylint: disable=import-outside-toplevel
 
-  model_config = default_config.get_config().model
-  with model_config.unlocked():
-    model_config.backbone = backbone
+  model_config = default_config.base_config().model
+  model_config.backbone = backbone
   model = models.create_model(model_config, num_classes)
   images = jax.random.normal(jax.random.key(1), (batch, crop, crop, 3))
   labels = jax.random.randint(jax.random.key(2), (batch, crop, crop), 0, num_classes)
-  variables = model.init(jax.random.key(0), images, train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0, impl="rbg"), images[:1])
 
   def loss(params, batch_stats, images, labels):
     (logits, _), updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                        train=True, mutable=["batch_stats"])
-    # Logits at stride 4; nearest labels are enough for a cost measurement.
-    small = labels[:, ::crop // logits.shape[1], ::crop // logits.shape[2]]
-    small = small[:, :logits.shape[1], :logits.shape[2]]
-    log_p = jax.nn.log_softmax(logits, -1)
-    return -jnp.mean(jnp.take_along_axis(log_p, small[..., None], -1)), updates
+    return supervised.supervised_loss(logits, labels), updates
 
-  step = jax.jit(jax.grad(loss, has_aux=True))
   args = (variables["params"], variables["batch_stats"], images, labels)
-  return statistics.median(_time_calls(step, lambda i: args, runs, warmup=1))
+  step = jax.jit(jax.grad(loss, has_aux=True)).lower(*args).compile()
+  temp_bytes = step.memory_analysis().temp_size_in_bytes
+  print(f"  {backbone} step at {batch}x{crop}^2 compiled, temporary memory "
+        f"{temp_bytes / 2**30:.1f} GiB", flush=True)
+  return statistics.median(_time_calls(step, lambda i: args, runs, warmup=1)), temp_bytes
 
 
 def _ms(seconds: float) -> str:
@@ -169,8 +179,8 @@ def main() -> None:
   parser.add_argument("--runs", type=int, default=20)
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--with_train_step", action="store_true")
-  parser.add_argument("--train_batch", type=int, default=2)
-  parser.add_argument("--train_crop", type=int, default=321)
+  parser.add_argument("--train_batch", type=int, default=0,
+                      help="images per train step; 0: the case's batch (e.g. 20 for voc)")
   parser.add_argument("--train_backbone", default="resnet101")
   parser.add_argument("--train_runs", type=int, default=3)
   args = parser.parse_args()
@@ -200,17 +210,22 @@ def main() -> None:
           f"{r['peak_bytes'] / 2**20:.0f} | {speedup} |", flush=True)
 
   if args.with_train_step:
-    seconds = train_step_seconds(args.train_batch, args.train_crop, 21, args.train_backbone,
-                                 args.train_runs)
-    # The ReCo loss at the same batch and at 81x81 (321 crops, stride 4), 6 classes.
-    case = dataclasses.replace(CASES["voc"], name="train_batch", batch=args.train_batch,
-                               height=-(-args.train_crop // 4), width=-(-args.train_crop // 4))
-    reco_seconds = statistics.median(benchmark_case(case, args.runs)["fwd_bwd"])
-    print(f"supervised {args.train_backbone} DeepLabv3+ step, batch {args.train_batch}, "
-          f"crop {args.train_crop}: {_ms(seconds)} ms; ReCo fwd+bwd at "
-          f"{case.batch}x{case.height}x{case.width}: {_ms(reco_seconds)} ms "
-          f"= {100 * reco_seconds / seconds:.1f}% of the step")
-
+    print(f"\nReCo loss vs the supervised {args.train_backbone} DeepLabv3+ step (forward, CE, "
+          f"backward) at the same images, median of {args.train_runs} steps")
+    print("| case | images | step s | step temp GiB | ReCo fwd+bwd ms | ReCo / step |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+      case, crop = CASES[name], CROP_SIZES[name]
+      batch = args.train_batch or case.batch
+      if batch != case.batch:  # ReCo at the same (smaller) batch: an upper bound on the ratio
+        case = dataclasses.replace(case, batch=batch)
+        reco_seconds = statistics.median(benchmark_case(case, args.runs)["fwd_bwd"])
+      else:
+        reco_seconds = statistics.median(results[name]["fwd_bwd"])
+      seconds, temp_bytes = train_step_seconds(batch, crop, case.num_classes,
+                                               args.train_backbone, args.train_runs)
+      print(f"| {name} | {batch}x{crop}^2 | {seconds:.1f} | {temp_bytes / 2**30:.1f} | "
+            f"{_ms(reco_seconds)} | {100 * reco_seconds / seconds:.2f}% |", flush=True)
 
 if __name__ == "__main__":
   main()

@@ -25,7 +25,7 @@ from reco_jax import methods, models, parallel, train  # noqa: E402
 
 def benchmark(backbone: str, crop: int, batch: int, dtype: str, steps: int, num_classes: int = 21,
               method: str = "supervised"):
-  config = default.get_config()
+  config = default.base_config()  # official optimiser and model settings
   config.method = method
   config.model.backbone = backbone
   config.model.dtype = dtype
@@ -35,7 +35,7 @@ def benchmark(backbone: str, crop: int, batch: int, dtype: str, steps: int, num_
     config.model.width, config.model.head_dim, config.model.rep_dim = 16, 64, 64
   mesh = parallel.create_mesh()
   model = models.create_model(config.model, num_classes)
-  state = train.create_state(config, model, num_classes, mesh)
+  state = train.create_state(config, model, mesh)
   step_fn = train.make_train_step(mesh, train.step_config_from(config, num_classes))
   rng = np.random.RandomState(0)
   uses_teacher = methods.get_method(method).uses_teacher

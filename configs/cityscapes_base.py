@@ -16,7 +16,8 @@ official class-balanced rule (threshold 12, `--config.input.min_classes` to lowe
 `--config.seed`. The official candidate order is `glob` order (file-system dependent); ids here
 are sorted, so selections match the official code only up to that order. Partial labels:
 `python -m input_pipeline.partial_labels --dataset=cityscapes ...`, then
-`--config.input.partial_labels_dir=OUT/p1_seed0 --config.semi.partial_labels=True`.
+`--config.input.partial_labels_dir=OUT/p1_seed0` (it switches on the
+partial-label step).
 
 Devices: every global batch must divide the device count. The semi-supervised 2 + 2 runs on 1
 or 2 devices and the supervised 4 on 1, 2 or 4; elsewhere change `input.batch_size` /

@@ -15,7 +15,7 @@ def protocol_config(method: str, arg: str | None, *, dataset: str, eval_split: s
                     supervised_batch: int) -> ml_collections.ConfigDict:
   """The config of `method` (a `reco_jax.methods.METHODS` key) on `dataset`, variant `arg`."""
   uses_teacher = methods.get_method(method).uses_teacher
-  config = default.get_config()
+  config = default.base_config()
   config.method = method
   config.input.dataset = dataset
   config.input.train_split = "train"

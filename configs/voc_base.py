@@ -14,8 +14,8 @@ Labelled subset: `--config.input.num_labeled=60` (README: 60, 200, 600 ...) sele
 official class-balanced rule (threshold 3, `--config.input.min_classes` to lower it) and
 `--config.seed` (README seeds 0, 1, 2); 0 = every image labelled. Field splits:
 `--config.input.labeled_ids='("splits/pascal/92/labeled.txt",)'`. Partial labels: see
-`input_pipeline/partial_labels.py` and set `--config.input.partial_labels_dir=OUT/p1_seed0
---config.semi.partial_labels=True` (num_labeled must stay 0).
+`input_pipeline/partial_labels.py` and set `--config.input.partial_labels_dir=OUT/p1_seed0`,
+which switches on the partial-label step (num_labeled must stay 0).
 
 Devices: every global batch must divide the device count. The semi-supervised 10 + 10 runs on
 1, 2, 5 or 10 devices and the supervised 20 on 1, 2, 4, 5, 10 or 20; elsewhere change

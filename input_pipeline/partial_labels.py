@@ -44,7 +44,8 @@ Datasets: `voc` (every PNG of `SegmentationClassAug/`), `cityscapes` (train labe
 `--cityscapes_resolution`), `sun` (the prepared training images; the official code has no SUN
 generator). A training run uses them through `attach_partial_labels`, which replaces the
 `label` of each training example by `<dir>/<image_id>.png`: train with
-`--config.input.partial_labels_dir=<out_dir>/p1_seed0 --config.semi.partial_labels=True` and
+`--config.input.partial_labels_dir=<out_dir>/p1_seed0` (which switches on the partial-label
+step of the mean-teacher methods) and
 `input.num_labeled=0` (every image is labelled sparsely and is also unlabelled, as the
 official `train_semisup_partial.py`); evaluation keeps the full labels.
 """

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -71,6 +72,12 @@ class StepConfig:
 
 
 def step_config_from(config: ml_collections.ConfigDict, num_classes: int) -> StepConfig:
+  """The static step hyper-parameters of `config`.
+
+  Raises:
+    ValueError: unknown method, or a mean-teacher setting that cannot work (one line naming
+      the config keys).
+  """
   method = methods.get_method(config.method)
   reco = semi = None
   if method.uses_reco:
@@ -83,10 +90,18 @@ def step_config_from(config: ml_collections.ConfigDict, num_classes: int) -> Ste
                       easy_queries=bool(r.easy_queries))
   if method.uses_teacher:
     c = config.semi
+    if not c.teacher_train_mode and not c.ema_batch_stats:
+      # An eval-mode teacher normalises with its running statistics, and nothing would ever
+      # update them (only its train-mode forward or the EMA does): they would stay at init.
+      raise ValueError(f"config semi.teacher_train_mode=False needs semi.ema_batch_stats=True "
+                       f"(method={config.method!r}): otherwise the teacher's BatchNorm "
+                       f"statistics are never updated")
     semi = SemiConfig(mix_mode=method.mix_mode, ema_decay_max=float(c.ema_decay_max),
                       strong_threshold=float(c.strong_threshold),
                       teacher_train_mode=bool(c.teacher_train_mode),
-                      ema_batch_stats=bool(c.ema_batch_stats), partial_labels=bool(c.partial_labels),
+                      ema_batch_stats=bool(c.ema_batch_stats),
+                      # Sparse labels on disk imply the partial-label step (one switch).
+                      partial_labels=bool(c.partial_labels or config.input.get("partial_labels_dir")),
                       scale_range=tuple(float(x) for x in config.input.scale_range),
                       crop_size=tuple(int(x) for x in config.input.crop_size), quantize=bool(c.quantize),
                       color_jitter_prob=float(config.input.color_jitter_prob),
@@ -139,6 +154,31 @@ def supervised_losses(params: PyTree, state: TrainState, batch: dict, key: jax.A
   return loss, (metrics, batch_stats)
 
 
+# train_semisup_partial.py hard-codes this confidence threshold for the labelled images'
+# own predictions (it does not use --strong_threshold).
+PARTIAL_LABEL_CONFIDENCE = 0.97
+
+
+def partial_labeled_reco_targets(logits_l: jax.Array, sparse_labels: jax.Array
+                                 ) -> tuple[jax.Array, jax.Array]:
+  """ReCo labels and validity of the labelled images in partial-label mode (reco_spec §1.5).
+
+  The student's own full-resolution prediction, with the sparse ground truth substituted
+  where it exists; valid where labelled or where the student's confidence is >= 0.97.
+
+  Args:
+    logits_l: student logits `f[B,h,w,C]` of the labelled batch (no gradient flows).
+    sparse_labels: `i32[B,H,W]`, -1 where unlabelled.
+  Returns:
+    `(labels i32[B,H,W], valid bool[B,H,W])`.
+  """
+  logits = supervised.upsample_logits(jax.lax.stop_gradient(logits_l), sparse_labels.shape[1:3])
+  probs = jax.nn.softmax(logits, axis=-1)
+  labelled = sparse_labels >= 0
+  labels = jnp.where(labelled, sparse_labels, jnp.argmax(probs, axis=-1).astype(jnp.int32))
+  return labels, labelled | (jnp.max(probs, axis=-1) >= PARTIAL_LABEL_CONFIDENCE)
+
+
 def semi_supervised_losses(params: PyTree, state: TrainState, labeled: dict, unlabeled: dict,
                            key: jax.Array, cfg: StepConfig) -> tuple[jax.Array, tuple[dict, PyTree]]:
   """sup + unsup (+ ReCo) of the mean-teacher methods (train_semisup.py steps 7-9).
@@ -155,20 +195,22 @@ def semi_supervised_losses(params: PyTree, state: TrainState, labeled: dict, unl
   metrics = {"sup_loss": sup, "unsup_loss": unsup}
   loss = sup + unsup
   if cfg.reco is not None:
-    labels_l, valid_l = labeled["label"], labeled["label"] >= 0
+    # reco_spec §1.5: labelled pixels are valid where labelled, pseudo-labelled ones where the
+    # (augmented, quantised) teacher confidence is >= delta_w; both at full resolution here,
+    # brought to the representation resolution inside `reco_term`.
     if semi.partial_labels:
-      # train_semisup_partial.py: the labelled part uses the student's own prediction with
-      # the sparse ground truth substituted, valid where conf >= 0.97 (hard-coded) or labelled.
-      probs_l = jax.nn.softmax(supervised.upsample_logits(jax.lax.stop_gradient(logits_l),
-                                                          labels_l.shape[1:3]), axis=-1)
-      labels_l = jnp.where(valid_l, labels_l, jnp.argmax(probs_l, axis=-1).astype(jnp.int32))
-      valid_l = valid_l | (jnp.max(probs_l, axis=-1) >= 0.97)
+      labels_l, valid_l = partial_labeled_reco_targets(logits_l, labeled["label"])
+    else:
+      labels_l, valid_l = labeled["label"], labeled["label"] >= 0
+    # Cut-out and padded pixels have confidence 0 (and label -1), so they are never valid.
     valid_u = (unlabeled["confidence"] >= cfg.reco.weak_threshold) & (unlabeled["label"] >= 0)
     reco, num_query_classes = reco_term(
         key, jnp.concatenate([rep_l, rep_u]), jnp.concatenate([logits_l, logits_u]),
-        jnp.concatenate([labels_l, unlabeled["label"]]), jnp.concatenate([valid_l, valid_u]), cfg.reco)
+        jnp.concatenate([labels_l, unlabeled["label"]]), jnp.concatenate([valid_l, valid_u]),
+        cfg.reco)
     loss = loss + cfg.reco.weight * reco
-    metrics.update(reco_loss=reco, reco_query_classes=num_query_classes.astype(jnp.float32))
+    metrics.update(reco_loss=reco, reco_query_classes=num_query_classes.astype(jnp.float32),
+                   reco_unlabeled_valid_fraction=jnp.mean(valid_u.astype(jnp.float32)))
   metrics["loss"] = loss
   return loss, (metrics, batch_stats)
 
@@ -194,11 +236,12 @@ def pseudo_label(state: TrainState, unlabeled: dict, key: jax.Array, cfg: StepCo
   probs = jax.lax.stop_gradient(probs)
   confidence, labels = jnp.max(probs, axis=-1), jnp.argmax(probs, axis=-1).astype(jnp.int32)
   if semi.partial_labels:
+    # train_semisup_partial.py: the sparse labels override the teacher, with confidence 1.
     sparse = unlabeled["label"]
     labels = jnp.where(sparse >= 0, sparse, labels)
     confidence = jnp.where(sparse >= 0, 1.0, confidence)
-  if semi.quantize:
-    confidence = unsupervised.quantize_confidence(confidence)
+  # The official uint8 round trips (confidence floor(255 p)/255, reco_spec §0.9) happen in
+  # strong_augment's first stage when semi.quantize is on, before any threshold is applied.
   images, labels, confidence = augment.strong_augment(
       key, images, labels, confidence, mode=semi.mix_mode, scale_range=semi.scale_range,
       crop_size=semi.crop_size, num_classes=cfg.num_classes, quantize=semi.quantize,
@@ -216,7 +259,11 @@ def train_step(state: TrainState, batch: dict, *, cfg: StepConfig) -> tuple[Trai
       (labels of the unlabelled stream are only read in partial-label mode); sharded on `data`.
     cfg: static hyper-parameters.
   Returns:
-    (new state, metrics): metrics are replicated `f32[]` scalars.
+    (new state, metrics): metrics are replicated `f32[]` scalars: `loss`, `sup_loss`,
+    `grad_norm`; with ReCo `reco_loss` and `reco_query_classes` (classes that produced
+    queries); with a teacher `unsup_loss`, `pseudo_label_confident_fraction` (augmented
+    pixels with confidence >= delta_s), `ema_decay` and, with ReCo,
+    `reco_unlabeled_valid_fraction` (confidence >= delta_w).
   """
   key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
   key_augment, key_reco = jax.random.split(key)
@@ -236,7 +283,9 @@ def train_step(state: TrainState, batch: dict, *, cfg: StepConfig) -> tuple[Trai
   new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_batch_stats,
                             opt_state=new_opt_state)
   if cfg.semi is not None:
-    # EMA of the parameters only; t = number of previous updates = state.step.
+    # EMA of the parameters; t = number of previous updates = state.step. The teacher's BN
+    # statistics come from its own train-mode pass (official), or are the EMA of the
+    # student's (semi.ema_batch_stats).
     ema_params = ema.ema_update(state.ema_params, new_params, state.step, cfg.semi.ema_decay_max)
     if cfg.semi.ema_batch_stats:
       teacher_batch_stats = ema.ema_update(state.ema_batch_stats, new_batch_stats, state.step,
@@ -254,9 +303,10 @@ def make_train_step(mesh: jax.sharding.Mesh, cfg: StepConfig):
                  donate_argnums=(0,))
 
 
-def create_state(config: ml_collections.ConfigDict, model, num_classes: int, mesh: jax.sharding.Mesh) -> TrainState:
-  """Creates the train state directly on its (replicated) sharding."""
-  del num_classes
+def create_state(config: ml_collections.ConfigDict, model: nn.Module,
+                 mesh: jax.sharding.Mesh) -> TrainState:
+  """Creates the train state (with the teacher for mean-teacher methods) on its replicated
+  sharding; `model` is any flax module returning `(logits, rep)` (models.create_model)."""
   schedule = optim.create_lr_schedule(config.optim, config.num_train_steps)
   tx = optim.create_optimizer(config.optim, schedule)
   method = methods.get_method(config.method)
@@ -293,11 +343,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   method = methods.get_method(config.method)
   parallel.check_batch_divisible(config.input.batch_size, mesh, "input.batch_size")
   parallel.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
+  if method.uses_teacher:
+    if config.input.unlabeled_batch_size <= 0:
+      raise ValueError(f"config input.unlabeled_batch_size={config.input.unlabeled_batch_size} "
+                       f"must be positive for the mean-teacher method {config.method!r}")
+    parallel.check_batch_divisible(config.input.unlabeled_batch_size, mesh,
+                                   "input.unlabeled_batch_size")
+    if config.semi.partial_labels and not config.input.get("partial_labels_dir"):
+      raise ValueError("config semi.partial_labels=True needs input.partial_labels_dir (the "
+                       "sparse label maps written by `python -m input_pipeline.partial_labels`)")
   info = datasets.get_dataset_info(config.input)
   model = models.create_model(config.model, info.num_classes)
   cfg = step_config_from(config, info.num_classes)
 
-  state = create_state(config, model, info.num_classes, mesh)
+  state = create_state(config, model, mesh)
   manager = checkpointing.create_resume_manager(workdir, config.max_checkpoints_to_keep)
   if manager.latest_step() is not None:
     abstract = checkpointing.abstract_like(state, parallel.replicated(mesh))
@@ -317,7 +376,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   batch_sizes = {"labeled": config.input.batch_size}
   if method.uses_teacher:
-    parallel.check_batch_divisible(config.input.unlabeled_batch_size, mesh, "input.unlabeled_batch_size")
     batch_sizes["unlabeled"] = config.input.unlabeled_batch_size
   train_iters = {
       stream: datasets.create_train_iterator(

@@ -3,12 +3,26 @@
 The device count must be fixed before anything initialises a JAX backend, so this
 module sets the environment before importing jax.
 """
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# A persistent compilation cache for this test session only (fresh, deleted at exit), also
+# inherited by the main.py subprocesses: many tests train the same smoke programs (train
+# then resume, 1 device then 8, main.py twice), and XLA:CPU compiles dominate the suite's
+# time. A cache hit runs the very program a compile would produce.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="reco_jax_test_jit_cache_")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -49,3 +63,14 @@ def mesh():
 def single_device_mesh():
   from reco_jax import parallel
   return parallel.create_mesh(jax.devices()[:1])
+
+
+def with_overrides(config, overrides: dict):
+  """`config` with dotted-key overrides applied, e.g. `{"semi.quantize": False}`; returns it."""
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config

@@ -170,7 +170,7 @@ def test_rgb_label_is_rejected(tmp_path):
 
 
 def _camvid_config(tmp_path, **overrides):
-  cfg = default.get_config().input
+  cfg = default.base_config().input
   cfg.dataset = "camvid"
   cfg.manual_dir = str(tmp_path / "raw")
   cfg.data_dir = str(tmp_path / "tfds")

@@ -41,7 +41,7 @@ def _run_seeds(fn, image, label, seeds, *, in_dataset: bool) -> list:
 
 def _input_config(**synthetic_overrides):
   """A tiny synthetic input config: 16 train / 8 val images of 32x32."""
-  cfg = default.get_config().input
+  cfg = default.base_config().input
   cfg.synthetic.num_train = 16
   cfg.synthetic.num_val = 8
   cfg.synthetic.image_size = (32, 32)

@@ -3,6 +3,7 @@ split files, partial labels, a smoke training run, and the per-dataset configs."
 import dataclasses
 import glob
 import importlib
+import json
 import os
 import pathlib
 
@@ -11,7 +12,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from configs import voc_supervised
+from configs import voc_classmix_reco, voc_supervised
 from input_pipeline import datasets
 from input_pipeline import partial_labels
 from input_pipeline import prepare
@@ -202,6 +203,38 @@ def test_smoke_training_run_on_voc(fake_voc, tmp_path):
   # The trainer passes its workdir: the official selection was recorded there.
   want, _ = splits.select_labeled_subset(fake_voc.train_ids, fake_voc.presence, 4, 3, seed=0)
   assert splits.read_ids_with_header(os.path.join(workdir, "labeled_ids.txt"))[0] == want
+
+
+def test_partial_label_training_run_on_voc(fake_voc, tmp_path):
+  """ReCo + ClassMix in "partial labels, full dataset" mode, from sparse maps on disk.
+
+  `input.partial_labels_dir` alone switches the step into partial mode: the sparse labels
+  override the untrained teacher with confidence 1, so pixels pass delta_s = 0.97 from the
+  first step (the teacher's own 21-class confidence is far below it).
+  """
+  partial_labels.write_partial_labels(fake_voc.train_ids, fake_voc.labels.__getitem__,
+                                      str(tmp_path / "partial"), seeds=[0])
+  config = voc_classmix_reco.get_config("smoke")
+  config.input.data_dir, config.input.manual_dir = fake_voc.data_dir, fake_voc.manual_dir
+  config.input.partial_labels_dir = partial_labels.partial_dir(str(tmp_path / "partial"), 25, 0)
+  config.input.eval_size = (16, 16)
+  config.num_train_steps = config.eval_every_steps = 2
+  assert not config.semi.partial_labels
+  assert train.step_config_from(config, 21).semi.partial_labels
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  steps = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in steps] == [1, 2]
+  for r in steps:
+    assert r["pseudo_label_confident_fraction"] > 0 and r["reco_loss"] > 0
+    assert np.isfinite(r["unsup_loss"]) and r["unsup_loss"] > 0
+  assert np.isfinite(results["miou"])
+  config.input.partial_labels_dir = None
+  config.semi.partial_labels = True
+  with pytest.raises(ValueError, match=r"semi.partial_labels=True needs input.partial_labels_dir"):
+    train.train_and_evaluate(config, str(tmp_path / "no_dir"))
 
 
 # ---- configs -------------------------------------------------------------------------------

@@ -7,20 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import with_overrides
 from configs import default
 from input_pipeline import datasets
 from reco_jax import checkpointing, models, parallel, train
 
 
 def _smoke_config(**overrides):
-  config = default.get_config("smoke")
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+  """The supervised smoke config (the neutral base, not the ReCo + ClassMix default)."""
+  config = default.base_config()
+  default.apply_variant(config, "smoke")
+  return with_overrides(config, overrides)
 
 
 def _random_batch(config, num_classes, seed=0):
@@ -32,7 +29,7 @@ def _random_batch(config, num_classes, seed=0):
 
 def _run_steps(config, mesh, batches, num_classes=5):
   model = models.create_model(config.model, num_classes)
-  state = train.create_state(config, model, num_classes, mesh)
+  state = train.create_state(config, model, mesh)
   step = train.make_train_step(mesh, train.step_config_from(config, num_classes))
   losses = []
   for batch in batches:
@@ -112,7 +109,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
   num_classes = datasets.get_dataset_info(config.input).num_classes
   mesh = parallel.create_mesh()
   target = checkpointing.abstract_like(
-      train.create_state(config, models.create_model(config.model, num_classes), num_classes, mesh),
+      train.create_state(config, models.create_model(config.model, num_classes), mesh),
       parallel.replicated(mesh))
   finals = [checkpointing.restore_state(checkpointing.create_resume_manager(w, 2, read_only=True), target)
             for w in (full, interrupted)]
