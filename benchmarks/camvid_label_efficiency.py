@@ -9,8 +9,8 @@ the unlabelled stream of the mean-teacher methods) and prints a table of the **v
   python -m benchmarks.camvid_label_efficiency --workdir=runs/camvid_le --table_only
 
 Each run is `configs/camvid_<method>.py:cpu` (a tiny ResNet from scratch on 128x160 crops,
-sized for a 2-core CPU) plus `--config.input.num_labeled=N`; `--extra` appends further
-`--config.*` overrides to every run. Runs that already finished are not repeated (main.py
+sized for a 2-core CPU) plus `--config.input.num_labeled=N --config.seed=S`; `--extra=--config.X=V`
+(repeatable) appends further overrides to every run. Runs that already finished are not repeated (main.py
 resumes a workdir), so an interrupted benchmark is continued by running it again.
 The test split is held out: tune on val only.
 """
@@ -25,10 +25,12 @@ REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
 METHODS = ("supervised", "classmix", "classmix_reco")
 
 
-def run_command(method: str, workdir: str, num_labeled: int, extra: list[str]) -> list[str]:
+def run_command(method: str, workdir: str, num_labeled: int, seed: int,
+                extra: list[str]) -> list[str]:
   """The main.py command line of one run."""
   return [sys.executable, "main.py", f"--config=configs/camvid_{method}.py:cpu",
-          f"--config.input.num_labeled={num_labeled}", f"--workdir={workdir}", *extra]
+          f"--config.input.num_labeled={num_labeled}", f"--config.seed={seed}",
+          f"--workdir={workdir}", *extra]
 
 
 def read_evals(workdir: str) -> list[dict]:
@@ -46,7 +48,10 @@ def main() -> None:
   parser.add_argument("--workdir", required=True, help="parent directory of the runs")
   parser.add_argument("--num_labeled", type=int, default=20)
   parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--extra", nargs="*", default=[], help="extra --config.* overrides")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="config.seed: the labelled subset, the initialisation and the data order")
+  parser.add_argument("--extra", action="append", default=[],
+                      help="an extra override for every run, e.g. --extra=--config.optim.lr=0.02")
   parser.add_argument("--table_only", action="store_true", help="print the table, train nothing")
   args = parser.parse_args()
   method_list = args.methods.split(",")
@@ -56,7 +61,7 @@ def main() -> None:
 
   for method in method_list if not args.table_only else ():
     workdir = os.path.join(args.workdir, method)
-    cmd = run_command(method, workdir, args.num_labeled, args.extra)
+    cmd = run_command(method, workdir, args.num_labeled, args.seed, args.extra)
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=REPO_ROOT, check=True)
@@ -64,8 +69,8 @@ def main() -> None:
     with open(timings_path, "w") as f:
       json.dump(timings, f)
 
-  print(f"\nCamVid val mIoU, {args.num_labeled} labelled of 367 training images "
-        f"(configs/camvid_<method>.py:cpu)\n")
+  print(f"\nCamVid val mIoU, {args.num_labeled} labelled of 367 training images, seed "
+        f"{args.seed} (configs/camvid_<method>.py:cpu)\n")
   print("| method | steps | last val mIoU | best val mIoU | wall time (min) |")
   print("|---|---:|---:|---:|---:|")
   for method in method_list:

@@ -25,7 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every field, at neutral values (official hyper-parameters, synthetic data, supervised).
 
-  These values are also the previous default (configs/synthetic_supervised.py).
+  With every image labelled, 600 steps of supervised training on the synthetic dataset
+  (ResNet-tiny of width 64, 256-channel heads) reach mIoU about 0.50 in about 13 minutes on
+  a 2-core CPU (the default before ReCo + ClassMix).
   """
   config = ml_collections.ConfigDict()
   config.seed = 0

@@ -3,9 +3,6 @@
 Official counterpart: `train_sup.py --apply_reco`.
 Recipe (label-scarce, CPU-sized): configs/synthetic_base.py.
 
-With `--config.method=supervised` it is the supervised baseline of the same recipe
-(configs/synthetic_supervised.py is the previous default instead).
-
   python main.py --config=configs/synthetic_supervised_reco.py --workdir=W
 
 Variant `:smoke`: 3 steps, tiny model, 32x32 images.

@@ -70,10 +70,13 @@ def test_default_is_classmix_reco_on_label_scarce_synthetic_data():
   assert config.to_dict() == _load(CONFIG_DIR / "synthetic_classmix_reco.py").get_config().to_dict()
 
 
-def test_synthetic_supervised_is_the_previous_default():
-  config = _load(CONFIG_DIR / "synthetic_supervised.py").get_config()
-  assert config.to_dict() == default.base_config().to_dict()
-  assert (config.method, config.input.num_labeled, config.num_train_steps) == ("supervised", 0, 600)
+def test_synthetic_supervised_is_the_default_recipe_without_unlabelled_data():
+  supervised = _load(CONFIG_DIR / "synthetic_supervised.py").get_config().to_dict()
+  recipe = default.get_config().to_dict()
+  assert (supervised.pop("method"), recipe.pop("method")) == ("supervised", "classmix_reco")
+  assert (supervised["input"].pop("unlabeled_batch_size"),
+          recipe["input"].pop("unlabeled_batch_size")) == (0, recipe["input"]["batch_size"])
+  assert supervised == recipe
 
 
 def test_camvid_supervised_keeps_its_variants():

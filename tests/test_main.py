@@ -2,14 +2,19 @@
 multi-process runs through jax.distributed on localhost."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+from configs import default
+from input_pipeline import datasets
+from reco_jax import checkpointing, models, parallel, train
 
 
 def _run_main(workdir, *args, devices=1, extra_env=None, check=True, timeout=600):
@@ -61,6 +66,43 @@ def test_four_devices_write_the_same_losses_as_one(default_smoke_run, tmp_path):
   losses = {devices: [r["loss"] for r in _records(w) if r["split"] == "train"]
             for devices, w in ((1, default_smoke_run), (4, workdir))}
   np.testing.assert_allclose(losses[4], losses[1], rtol=1e-4)
+
+
+def test_semi_supervised_run_resumes_identically(default_smoke_run, tmp_path):
+  """Resume of the default (ReCo + ClassMix) run after a kill right after its step-2 checkpoint.
+
+  The workdir is the finished run's, cut back to the files a kill at that moment leaves (the
+  step-3 checkpoint, best weights and log lines removed); main.py must then reproduce step
+  3 (the teacher, the EMA, both data streams and the per-step key restored) and the final
+  evaluation and weights exactly.
+  """
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(default_smoke_run, resumed)
+  shutil.rmtree(os.path.join(resumed, checkpointing.RESUME_DIR, "3"))
+  shutil.rmtree(os.path.join(resumed, checkpointing.BEST_DIR, "3"))
+  full_records = _records(default_smoke_run)
+  with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in full_records if r["step"] <= 2)
+  _run_main(resumed, "--config=configs/default.py:smoke")
+
+  resumed_records = _records(resumed)
+  assert [(r["step"], r["split"]) for r in resumed_records] == [
+      (r["step"], r["split"]) for r in full_records]
+  for full, again in zip(full_records[2:], resumed_records[2:]):
+    assert full.keys() == again.keys()
+    for key in full.keys() - {"split"}:
+      np.testing.assert_allclose(again[key], full[key], rtol=1e-6, err_msg=key)
+  assert {"sup_loss", "unsup_loss", "reco_loss", "ema_decay"} <= full_records[2].keys()
+  config = default.get_config("smoke")
+  num_classes = datasets.get_dataset_info(config.input).num_classes
+  model, mesh = models.create_model(config.model, num_classes), parallel.create_mesh()
+  target = checkpointing.abstract_like(jax.eval_shape(lambda: train.create_state(config, model, mesh)),
+                                       parallel.replicated(mesh))
+  finals = [jax.device_get(checkpointing.restore_state(
+      checkpointing.create_resume_manager(w, 2, read_only=True), target))
+            for w in (default_smoke_run, resumed)]
+  assert int(finals[0].step) == int(finals[1].step) == 3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), finals[0], finals[1])
 
 
 def test_unknown_config_override_fails_with_its_name(tmp_path):

@@ -375,6 +375,9 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
+# The default suite resumes the same run through main.py (test_main.py, sharing its programs
+# with the other main.py tests); this in-process version on 8 devices resumes two steps.
+@pytest.mark.slow
 def test_semi_supervised_run_resumes_exactly(tmp_path):
   """A 4-step ReCo + ClassMix run, and a run resumed from its step-2 checkpoint.
 
