@@ -19,7 +19,7 @@ Measured (2-core CPU, idle): the default reaches mIoU 0.438 at step 800 in 3.6 m
 supervised baseline of the same recipe (`configs/synthetic_supervised.py`) 0.439 (1.3
 minutes idle, 2.7 with another job running). At this budget a from-scratch teacher is still
 weak when its pseudo-labels start to count, so semi-supervision does not pay off yet; the
-default is there to run every loss end to end quickly (CamVid shows the gain: README).
+default is there to run every loss end to end quickly (the CamVid comparison: README).
 """
 import ml_collections
 
