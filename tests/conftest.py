@@ -74,3 +74,17 @@ def with_overrides(config, overrides: dict):
       node = node[part]
     node[leaf] = value
   return config
+
+
+def restore_latest_state(config, workdir: str):
+  """The latest resume checkpoint of `workdir` (a run of `config`), restored replicated onto
+  all devices."""
+  from input_pipeline import datasets
+  from reco_jax import checkpointing, models, parallel, train
+  num_classes = datasets.get_dataset_info(config.input).num_classes
+  mesh = parallel.create_mesh()
+  model = models.create_model(config.model, num_classes)
+  target = checkpointing.abstract_like(
+      jax.eval_shape(lambda: train.create_state(config, model, mesh)), parallel.replicated(mesh))
+  return checkpointing.restore_state(
+      checkpointing.create_resume_manager(workdir, 2, read_only=True), target)

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CAMVID_DIR, REPO_ROOT, with_overrides
+from conftest import CAMVID_DIR, REPO_ROOT, restore_latest_state, with_overrides
 from configs import synthetic_base
-from input_pipeline import datasets
-from reco_jax import checkpointing, methods, models, parallel, resampling, train
+from reco_jax import checkpointing, methods, parallel, resampling, train
 from reco_jax.losses import reco as reco_lib
 from reco_jax.losses import supervised, unsupervised
 
@@ -410,14 +409,7 @@ def test_semi_supervised_run_resumes_exactly(tmp_path):
     for key in ("loss", "sup_loss", "unsup_loss", "reco_loss"):
       np.testing.assert_allclose(resumed_train[r["step"]][key], r[key], rtol=1e-6, err_msg=key)
   np.testing.assert_allclose(resumed_results["miou"], results["miou"], rtol=1e-6)
-  num_classes = datasets.get_dataset_info(config.input).num_classes
-  mesh = parallel.create_mesh()
-  model = models.create_model(config.model, num_classes)
-  target = checkpointing.abstract_like(
-      jax.eval_shape(lambda: train.create_state(config, model, mesh)),
-      parallel.replicated(mesh))
-  finals = [checkpointing.restore_state(checkpointing.create_resume_manager(w, 2, read_only=True), target)
-            for w in (full, resumed)]
+  finals = [restore_latest_state(config, w) for w in (full, resumed)]
   assert int(finals[0].step) == int(finals[1].step) == 4
   _assert_trees_close(_host(finals[0]), _host(finals[1]), rtol=1e-6, atol=1e-7)
 

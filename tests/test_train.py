@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import with_overrides
+from conftest import restore_latest_state, with_overrides
 from configs import default
-from input_pipeline import datasets
 from reco_jax import checkpointing, models, parallel, train
 
 
@@ -106,13 +105,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
   assert sorted(resumed_losses) == [1, 2, 3, 4]
   for step in (3, 4):
     np.testing.assert_allclose(resumed_losses[step], full_losses[step], rtol=1e-6)
-  num_classes = datasets.get_dataset_info(config.input).num_classes
-  mesh = parallel.create_mesh()
-  target = checkpointing.abstract_like(
-      train.create_state(config, models.create_model(config.model, num_classes), mesh),
-      parallel.replicated(mesh))
-  finals = [checkpointing.restore_state(checkpointing.create_resume_manager(w, 2, read_only=True), target)
-            for w in (full, interrupted)]
+  finals = [restore_latest_state(config, w) for w in (full, interrupted)]
   assert int(finals[0].step) == int(finals[1].step) == 4
   _assert_trees_close(finals[0].params, finals[1].params, rtol=1e-6, atol=1e-7)
 
