@@ -1,12 +1,18 @@
-"""reco-jax entry point: `python main.py --config=configs/x.py[:variant] --workdir=W [--mode=eval]`.
+"""reco-jax entry point: `python main.py --config=configs/<dataset>.py[:method=M,variant=V] --workdir=W [--mode=eval]`.
 
 Training resumes automatically from the latest checkpoint in the workdir. Evaluation
-restores the weights (the teacher when there is one) onto however many devices exist.
+restores the latest state onto however many devices exist and evaluates the weights the
+method evaluates during training (e.g. the mean teacher's teacher).
 """
 import os
+import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Before anything loads TensorFlow or XLA: their C++ INFO notices stay off the console.
+from reco_jax import console
+_NATIVE_ENV_SET = console.quiet_native_logs()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration file.",
@@ -19,7 +25,10 @@ flags.DEFINE_bool("jax_distributed", None,
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs off TPU).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs off TPU).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs off TPU).")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_bool("list", False, "Print the datasets, methods, method presets and config "
+                  "variants, then exit (no --workdir needed).")
+flags.register_multi_flags_validator(["workdir", "list"], lambda f: bool(f["workdir"] or f["list"]),
+                                     message="--workdir is required (except with --list)")
 
 
 def _maybe_initialize_distributed() -> None:
@@ -34,9 +43,18 @@ def _maybe_initialize_distributed() -> None:
 
 
 def main(argv):
+  started = time.monotonic()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  import tensorflow as tf
+  verbose = console.verbose_requested(FLAGS["verbosity"])
+  console.configure_logging(verbose, _NATIVE_ENV_SET)
+  with console.native_stderr_filtered(enabled=not verbose):
+    import tensorflow as tf
+  if FLAGS.list:
+    for line in console.collect_listing(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                     "configs")):
+      print(line)
+    return
   # tf.data only feeds the host; keep TF off the accelerators JAX owns.
   tf.config.set_visible_devices([], "GPU")
   _maybe_initialize_distributed()
@@ -46,14 +64,31 @@ def main(argv):
   logging.info("JAX process %d / %d, %d local devices, %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   config = FLAGS.config
+  console.line(console.header_line(FLAGS.mode, config.method_preset, config.input.dataset,
+                                   config.num_train_steps, jax.device_count(),
+                                   jax.devices()[0].platform, jax.process_count(), FLAGS.workdir))
   if FLAGS.mode == "train":
     results = train.train_and_evaluate(config, FLAGS.workdir)
   else:
     results = evaluate.evaluate_checkpoint(config, FLAGS.workdir)
+  _print_summary(results, time.monotonic() - started)
+
+
+def _print_summary(results: dict, wall_seconds: float) -> None:
+  """The closing lines (process 0): final/best mIoU, wall time and where everything is."""
+  from reco_jax import checkpointing
   if results:
     logging.info("final eval: mIoU %.4f, pixel accuracy %.4f", results["miou"], results["pixel_accuracy"])
-    best = f"  (best mIoU {results['best_miou']:.4f})" if "best_miou" in results else ""
-    print(f"mIoU {results['miou']:.4f}  pixel accuracy {results['pixel_accuracy']:.4f}{best}")
+  workdir = FLAGS.workdir
+  eval_json = (os.path.join(workdir, f"eval_{FLAGS.config.input.eval_split}.json")
+               if FLAGS.mode == "eval" else None)
+  for line in console.summary_lines(
+      FLAGS.mode, results, wall_seconds, workdir=workdir,
+      metrics_path=os.path.join(workdir, "metrics.jsonl"),
+      checkpoint_dir=console.latest_step_dir(os.path.join(workdir, checkpointing.RESUME_DIR)),
+      best_dir=console.latest_step_dir(os.path.join(workdir, checkpointing.BEST_DIR)),
+      eval_json=eval_json):
+    console.line(line)
 
 
 if __name__ == "__main__":

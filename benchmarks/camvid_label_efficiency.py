@@ -8,10 +8,11 @@ the unlabelled stream of the mean-teacher methods) and prints a table of the **v
   python -m benchmarks.camvid_label_efficiency --workdir=runs/camvid_le
   python -m benchmarks.camvid_label_efficiency --workdir=runs/camvid_le --table_only
 
-Each run is `configs/camvid_<method>.py:cpu` (a tiny ResNet from scratch on 128x160 crops,
-sized for a 2-core CPU) plus `--config.input.num_labeled=N --config.seed=S`; `--extra=--config.X=V`
-(repeatable) appends further overrides to every run. Runs that already finished are not repeated (main.py
-resumes a workdir), so an interrupted benchmark is continued by running it again.
+Each run is `configs/camvid.py:method=<method>,variant=cpu` (a tiny ResNet from scratch on
+128x160 crops, sized for a 2-core CPU) plus `--config.input.num_labeled=N --config.seed=S`;
+`--extra=--config.X=V` (repeatable) appends further overrides to every run. Runs that already
+finished are not repeated (main.py resumes a workdir), so an interrupted benchmark is continued
+by running it again.
 The test split is held out: tune on val only.
 """
 import argparse
@@ -22,13 +23,13 @@ import sys
 import time
 
 REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
-METHODS = ("supervised", "classmix", "classmix_reco")
+METHODS = ("supervised", "classmix", "classmix_reco")  # presets of configs/common.py
 
 
 def run_command(method: str, workdir: str, num_labeled: int, seed: int,
                 extra: list[str]) -> list[str]:
   """The main.py command line of one run."""
-  return [sys.executable, "main.py", f"--config=configs/camvid_{method}.py:cpu",
+  return [sys.executable, "main.py", f"--config=configs/camvid.py:method={method},variant=cpu",
           f"--config.input.num_labeled={num_labeled}", f"--config.seed={seed}",
           f"--workdir={workdir}", *extra]
 
@@ -70,7 +71,7 @@ def main() -> None:
       json.dump(timings, f)
 
   print(f"\nCamVid val mIoU, {args.num_labeled} labelled of 367 training images, seed "
-        f"{args.seed} (configs/camvid_<method>.py:cpu)\n")
+        f"{args.seed} (configs/camvid.py:method=<method>,variant=cpu)\n")
   print("| method | steps | last val mIoU | best val mIoU | wall time (min) |")
   print("|---|---:|---:|---:|---:|")
   for method in method_list:

@@ -140,16 +140,16 @@ def train_step_seconds(batch: int, crop: int, num_classes: int, backbone: str,
   """Median wall time of a supervised DeepLabv3+ step (forward, CE, backward, no update).
 
   The reference for "ReCo cost relative to the train step": the ReCo loss adds its own
-  forward+backward on top of this. The model is the official one (`default.base_config()`:
+  forward+backward on top of this. The model is the official one (`common.base_config()`:
   DeepLabv3+, output stride 16, 256-channel heads) on `backbone`.
 
   Returns:
     (median seconds, compiled temporary memory in bytes).
   """
-  from configs import default as default_config  # pylint: disable=import-outside-toplevel
+  from configs import common  # pylint: disable=import-outside-toplevel
   from reco_jax import models  # pylint: disable=import-outside-toplevel
 
-  model_config = default_config.base_config().model
+  model_config = common.base_config().model
   model_config.backbone = backbone
   model = models.create_model(model_config, num_classes)
   images = jax.random.normal(jax.random.key(1), (batch, crop, crop, 3))
@@ -158,9 +158,9 @@ def train_step_seconds(batch: int, crop: int, num_classes: int, backbone: str,
       jax.random.key(0, impl="rbg"), images[:1])
 
   def loss(params, batch_stats, images, labels):
-    (logits, _), updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                       train=True, mutable=["batch_stats"])
-    return supervised.supervised_loss(logits, labels), updates
+    outputs, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                   train=True, mutable=["batch_stats"])
+    return supervised.supervised_loss(outputs["logits"], labels), updates
 
   args = (variables["params"], variables["batch_stats"], images, labels)
   step = jax.jit(jax.grad(loss, has_aux=True)).lower(*args).compile()

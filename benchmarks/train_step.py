@@ -1,9 +1,10 @@
-"""Compile time, steady-state step time and images/s of the supervised train step.
+"""Compile time, steady-state step time and images/s of the train step of any method preset.
 
 Prints a table over (backbone x crop size) on whatever devices are present:
 
   python benchmarks/train_step.py                       # default grid
   python benchmarks/train_step.py --backbones=resnet101 --crops=321 --batch=8 --dtype=bfloat16
+  python benchmarks/train_step.py --method=classmix_reco --backbones=resnet_tiny --crops=64
 
 Each step gets a fresh host batch and is synced (as the trainer does), so the time
 includes the host->device transfer of the batch.
@@ -19,31 +20,32 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import default  # noqa: E402
+from configs import common  # noqa: E402
 from reco_jax import methods, models, parallel, train  # noqa: E402
 
 
 def benchmark(backbone: str, crop: int, batch: int, dtype: str, steps: int, num_classes: int = 21,
-              method: str = "supervised"):
-  config = default.base_config()  # official optimiser and model settings
-  config.method = method
+              preset: str = "supervised"):
+  config = common.base_config()  # official optimiser and model settings
+  common.apply_method(config, preset)
   config.model.backbone = backbone
   config.model.dtype = dtype
   config.input.crop_size = (crop, crop)
-  config.input.batch_size = batch
+  for stream in config.input.streams.values():
+    stream.batch_size = batch
   if backbone == "resnet_tiny":
     config.model.width, config.model.head_dim, config.model.rep_dim = 16, 64, 64
   mesh = parallel.create_mesh()
   model = models.create_model(config.model, num_classes)
-  state = train.create_state(config, model, mesh)
-  step_fn = train.make_train_step(mesh, train.step_config_from(config, num_classes))
+  method = methods.get_method(config, num_classes=num_classes, model=model)
+  state = train.create_state(config, method, mesh)
+  step_fn = train.make_train_step(mesh, method, config.seed)
   rng = np.random.RandomState(0)
-  uses_teacher = methods.get_method(method).uses_teacher
 
   def host_batch():
-    one = lambda: {"image": rng.randn(batch, crop, crop, 3).astype(np.float32),  # noqa: E731
+    return {name: {"image": rng.randn(batch, crop, crop, 3).astype(np.float32),
                    "label": rng.randint(-1, num_classes, size=(batch, crop, crop)).astype(np.int32)}
-    return {"labeled": one(), "unlabeled": one()} if uses_teacher else {"labeled": one()}
+            for name in method.streams()}
 
   start = time.perf_counter()
   state, metrics = step_fn(state, parallel.to_global_batch(host_batch(), mesh))
@@ -67,7 +69,7 @@ def main():
   parser.add_argument("--batch", type=int, default=jax.device_count() * 2)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--method", default="supervised")
+  parser.add_argument("--method", default="supervised", help="a preset of configs/common.py")
   args = parser.parse_args()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; batch {args.batch}; "
         f"dtype {args.dtype}; method {args.method}; median of {args.steps} steps")
@@ -75,7 +77,7 @@ def main():
   print("|---|---|---|---|---|")
   for backbone in args.backbones.split(","):
     for crop in (int(c) for c in args.crops.split(",")):
-      compile_s, step_s, ips = benchmark(backbone, crop, args.batch, args.dtype, args.steps, method=args.method)
+      compile_s, step_s, ips = benchmark(backbone, crop, args.batch, args.dtype, args.steps, preset=args.method)
       print(f"| {backbone} | {crop} | {compile_s:.1f} | {step_s:.3f} | {ips:.1f} |", flush=True)
 
 

@@ -95,6 +95,19 @@ def _valid_classes(label: np.ndarray, void_values: Sequence[int]) -> list[int]:
   return [int(c) for c in np.unique(label) if int(c) not in void_values]
 
 
+def check_label_values(label: np.ndarray, num_classes: int, what: str,
+                       void_values: Sequence[int] = (VOID,)) -> None:
+  """Raises a one-line ValueError naming `what` if a non-void value of `label` is not in [0, C).
+
+  Such a value (e.g. CamVid's raw void 11 taken for a class) would reach the loss as an
+  out-of-range class and give a NaN loss at the first step.
+  """
+  bad = [c for c in _valid_classes(label, void_values) if not 0 <= c < num_classes]
+  if bad:
+    raise ValueError(f"{what} has values {bad[:10]} outside [0, {num_classes}) and not void "
+                     f"({', '.join(str(v) for v in void_values)})")
+
+
 def _random_pixel(class_mask: np.ndarray, rng: np.random.RandomState) -> tuple[int, int]:
   coords = np.transpose(np.nonzero(class_mask))  # row-major, as in the official code
   # `choice(n, 1, replace=False)` is a full permutation under the hood; only this exact call
@@ -184,14 +197,23 @@ def _write_png(path: str, array: np.ndarray) -> None:
 
 
 def write_partial_labels(ids: Sequence[str], read_label: Callable[[str], np.ndarray], out_dir: str,
-                         seeds: Sequence[int]) -> None:
-  """Runs `generate_partial_labels` for each seed and writes PNGs under `out_dir`."""
+                         seeds: Sequence[int], num_classes: int | None = None) -> None:
+  """Runs `generate_partial_labels` for each seed and writes PNGs under `out_dir`.
+
+  With `num_classes`, every written map is checked to hold only [0, num_classes) and void
+  (255): a value outside fails naming the file instead of giving a NaN loss in training.
+  """
+
+  def write(image_id, percent, partial, seed):
+    path = os.path.join(partial_dir(out_dir, percent, seed), f"{image_id}.png")
+    if num_classes is not None:
+      check_label_values(partial, num_classes, f"partial label {path}")
+    _write_png(path, partial)
+
   for seed in seeds:
     for percent in PARTIAL_LEVELS:
       os.makedirs(partial_dir(out_dir, percent, seed), exist_ok=True)
-    generate_partial_labels(
-        ids, read_label, seed,
-        lambda i, p, a, s=seed: _write_png(os.path.join(partial_dir(out_dir, p, s), f"{i}.png"), a))
+    generate_partial_labels(ids, read_label, seed, lambda i, p, a, s=seed: write(i, p, a, s))
 
 
 def attach_partial_labels(ds, label_dir: str, encoded: bool = True):
@@ -205,7 +227,8 @@ def attach_partial_labels(ds, label_dir: str, encoded: bool = True):
 
   Returns:
     The dataset with replaced labels. A missing file fails when its example is read, with
-    TF's NotFoundError naming the path.
+    TF's NotFoundError naming the path. Values are not checked here: the training pipeline
+    checks them against the dataset's classes (`datasets._checked_partial_label`).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(label_dir):
@@ -222,6 +245,11 @@ def attach_partial_labels(ds, label_dir: str, encoded: bool = True):
 
 
 # ---- command -------------------------------------------------------------------------------
+
+
+def _num_classes(dataset: str) -> int:
+  from input_pipeline import builders  # pylint: disable=g-import-not-at-top
+  return len(builders.get_builder_class(dataset).CLASS_NAMES)
 
 
 def _dataset_sources(dataset: str, manual_dir: str,
@@ -247,7 +275,7 @@ def main(argv: Sequence[str]) -> None:
   if f.order_file:
     ids = read_order_file(f.order_file, ids)
   seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
-  write_partial_labels(ids, read_label, f.out_dir, seeds)
+  write_partial_labels(ids, read_label, f.out_dir, seeds, num_classes=_num_classes(f.dataset))
   print(f"wrote partial labels of {len(ids)} images for seeds {seeds} to {f.out_dir}")
 
 

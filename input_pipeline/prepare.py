@@ -5,8 +5,15 @@ Usage:
 
 `--dataset` is a name registered in `input_pipeline.builders` (voc, cityscapes,
 cityscapes_full, sun, camvid, ...). The raw folder layout each builder expects is in its module
-docstring; a wrong layout fails with a message naming the missing folder or file. Preparing an
-already prepared dataset only (re)writes a missing class-presence table.
+docstring; a wrong layout fails with a message naming the missing folder or file, and every
+image and label is decoded in full, so a truncated or corrupt file fails here naming it.
+
+Preparing an already prepared dataset checks it against its raw data (the source record
+`source_fingerprint.json` in the version folder: file list, sizes, modification times, the
+split listing, the folder; see `input_pipeline.builders.base`) and prepares it again when they
+differ: a repaired file, a new `val/` split or a different `--manual_dir` is picked up. It
+also (re)writes a missing class-presence table. The record also holds the largest image size
+of each split (`input_pipeline.datasets.max_image_size`).
 
 The class-presence table (`bool[N, C]`, which classes each training image contains, rows in
 the split's order) is what ReCo's labelled-subset selection reads
@@ -67,7 +74,11 @@ def class_presence_for(builder: base.SegmentationBuilder, split: str = TRAIN_SPL
 
 def prepare_dataset(builder_cls: type[base.SegmentationBuilder], manual_dir: str | None,
                     data_dir: str | None = None) -> base.SegmentationBuilder:
-  """Builds the TFDS records (unless present) and the training class-presence table."""
+  """Builds the TFDS records (unless present and current) and the training class-presence table.
+
+  Prepared records whose source record no longer matches `manual_dir` are rebuilt (see
+  `base.prepare`), and with them the class-presence table.
+  """
   builder = builder_cls(data_dir=data_dir)
   base.prepare(builder, manual_dir)
   if TRAIN_SPLIT in builder.info.splits:

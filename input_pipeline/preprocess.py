@@ -16,12 +16,9 @@ import math
 
 import tensorflow as tf
 
-STORED_VOID = 255  # matches reco_jax.labels.STORED_VOID; not imported to keep TF code JAX-free
-IGNORE_LABEL = -1  # matches reco_jax.labels.IGNORE_LABEL
-
+# Plain Python (reco_jax/constants.py imports nothing), so this TF code stays JAX-free.
 # build_data.py: transform normalises every dataset with the ImageNet statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from reco_jax.constants import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, STORED_VOID, UINT8_MAX
 
 # build_data.py: transform -> ColorJitter((0.75, 1.25), (0.75, 1.25), (0.75, 1.25), (-0.25, 0.25)).
 JITTER_FACTOR_RANGE = (0.75, 1.25)
@@ -256,6 +253,11 @@ def random_blur(image: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
 # ------------------------------------------------------------------------------------------
 
 
+def to_unit_range(image: tf.Tensor) -> tf.Tensor:
+  """`u8[...]` -> `f32[...]` in [0, 1] (`ToTensor`)."""
+  return tf.cast(image, tf.float32) / float(UINT8_MAX)
+
+
 def normalize(image: tf.Tensor) -> tf.Tensor:
   """`f32[...,3]` in [0, 1] -> ImageNet mean/std normalised."""
   return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
@@ -288,7 +290,7 @@ def train_transform(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *,
     {'image': f32[h,w,3] normalised, 'label': i32[h,w] with -1 = ignore}.
   """
   seed_scale, seed_crop, seed_jitter, seed_blur, seed_flip = split_seed(seed, 5)
-  image = tf.cast(image, tf.float32) / 255.0
+  image = to_unit_range(image)
   image, label = random_scale(image, label, seed_scale, scale_range)
   image, label = pad_to_size(image, label, crop_size)
   image, label = random_crop(image, label, seed_crop, crop_size)
@@ -322,7 +324,7 @@ def eval_transform(image: tf.Tensor, label: tf.Tensor, image_id: tf.Tensor,
       tf.strings.as_string(shape[1]), f" (HxW), larger than input.eval_size {eval_h}x{eval_w}"])
   check = tf.debugging.Assert(tf.logical_and(shape[0] <= eval_h, shape[1] <= eval_w), [message])
   with tf.control_dependencies([check]):
-    image = tf.cast(image, tf.float32) / 255.0
+    image = to_unit_range(image)
   image, label = pad_to_size(image, label, (eval_h, eval_w))
   # A no-op after the check; it keeps static shapes consistent when they are known.
   image = tf.ensure_shape(image[:eval_h, :eval_w], [eval_h, eval_w, 3])

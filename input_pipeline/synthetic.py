@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from reco_jax.constants import STORED_VOID, UINT8_MAX
+
 CLASS_NAMES = (
     "background",
     "disk",  # red, plain
@@ -37,7 +39,6 @@ PALETTE = np.array([
     [240, 220, 40],
 ], dtype=np.uint8)
 
-STORED_VOID = 255
 # Base RGB colour of each object class; objects jitter around it.
 _CLASS_COLOURS = np.array([
     [0, 0, 0],  # background: drawn separately
@@ -193,7 +194,7 @@ def generate_example(seed: int, split: str, index: int,
     label[mask] = c
     if r >= _VOID_MIN_RADIUS and _SHAPES[c] != "band":
       label[_inner_border(mask)] = STORED_VOID
-  return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+  return np.clip(np.rint(image), 0, UINT8_MAX).astype(np.uint8), label
 
 
 def generate_split(seed: int, split: str, indices: Sequence[int],

@@ -24,15 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reco_jax.losses.unsupervised import quantize_confidence
+from reco_jax.constants import IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX
+from reco_jax.losses.unsupervised import quantize_confidence, uint8_level_values
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MIX_MODES = ("none", "cutout", "cutmix", "classmix")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-# k / 255 in float32, correctly rounded (XLA would turn `/ 255` into `* (1/255)`).
-_UINT8_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255)
 # ITU-R 601-2 luma, as PIL's convert('L').
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -50,18 +47,14 @@ def _normalize(pixels: jax.Array) -> jax.Array:
   return (pixels - jnp.asarray(IMAGENET_MEAN, pixels.dtype)) / jnp.asarray(IMAGENET_STD, pixels.dtype)
 
 
-def _uint8_levels(level: jax.Array) -> jax.Array:
-  return jnp.asarray(_UINT8_LEVELS)[jnp.clip(level, 0, 255).astype(jnp.int32)]
-
-
 def _truncate_to_uint8(pixels: jax.Array) -> jax.Array:
   """`to_pil_image` of a float tensor: `mul(255).byte()` truncates (values may drop a level)."""
-  return _uint8_levels(jnp.floor(pixels * 255.0))
+  return uint8_level_values(jnp.floor(pixels * UINT8_MAX))
 
 
 def _round_to_uint8(pixels: jax.Array) -> jax.Array:
   """The uint8 result of a PIL operation (PIL rounds and clips its fixed-point sums)."""
-  return _uint8_levels(jnp.floor(pixels * 255.0 + 0.5))
+  return uint8_level_values(jnp.floor(pixels * UINT8_MAX + 0.5))
 
 
 # ------------------------------------------------------------------------------------------
@@ -321,7 +314,7 @@ def adjust_brightness(pixels: jax.Array, factor: jax.Array) -> jax.Array:
 
 def adjust_contrast(pixels: jax.Array, factor: jax.Array) -> jax.Array:
   """ImageEnhance.Contrast: blend with the mean grey level (PIL rounds it to a uint8 level)."""
-  mean = jnp.floor(jnp.mean(_luma(pixels)) * 255.0 + 0.5) / 255.0
+  mean = jnp.floor(jnp.mean(_luma(pixels)) * UINT8_MAX + 0.5) / UINT8_MAX
   return _blend(jnp.full_like(pixels, mean), pixels, factor)
 
 

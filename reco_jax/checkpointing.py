@@ -58,23 +58,3 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: PyTree, step: 
   step = manager.latest_step() if step is None else step
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return restored.state
-
-
-def restore_subtree(workdir: str, abstract_subtree: dict, step: int | None = None) -> tuple[dict, int]:
-  """Restores only some top-level fields of the saved state (e.g. the teacher).
-
-  Uses a fresh read-only manager: the manager that saved with StandardSave refuses
-  a PyTreeRestore of the same item (design.md §2.12).
-
-  Returns:
-    (restored subtree, step restored).
-  """
-  manager = create_resume_manager(workdir, max_to_keep=1, read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found in {os.path.join(workdir, RESUME_DIR)}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=abstract_subtree,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
-      partial_restore=True)))
-  return dict(restored.state), step

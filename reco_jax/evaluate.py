@@ -23,7 +23,7 @@ PyTree = Any
 
 def predict(apply_fn: Callable, variables: PyTree, images: jax.Array, out_size: tuple[int, int]) -> jax.Array:
   """`f32[B,H,W,3]` -> logits `f32[B,*out_size,C]` in eval mode (running BN statistics)."""
-  logits, _ = apply_fn(variables, images, train=False)
+  logits = apply_fn(variables, images, train=False)["logits"]
   return resampling.resize_bilinear_align_corners(logits.astype(jnp.float32), out_size)
 
 
@@ -95,42 +95,39 @@ def flat_eval_scalars(results: dict, class_names: tuple[str, ...]) -> dict:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Restores the evaluation weights from `workdir` onto the devices present and evaluates.
+  """Restores the latest state of `workdir` onto the devices present and evaluates the
+  method's evaluation weights (`method.eval_variables`: the same weights training evaluates).
 
-  The teacher is used when the checkpoint has one (`ema_params`), else the student. Only
-  those fields are read (partial restore), onto a mesh over however many devices exist.
   Writes `workdir/eval_<split>.json` and returns the scalar metrics.
   """
-  from input_pipeline import datasets  # the trainer and evaluator share the input registry
-  from reco_jax import checkpointing, methods, models
+  # Imported here: the trainer imports this module for its evaluation hook.
+  from input_pipeline import datasets
+  from reco_jax import checkpointing, train
 
   mesh = parallel.create_mesh()
-  info = datasets.get_dataset_info(config.input)
-  model = models.create_model(config.model, info.num_classes)
-  eval_size = tuple(config.input.eval_size)
-  abstract_vars = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *eval_size, 3)), train=False))
-  abstract_vars = checkpointing.abstract_like(abstract_vars, parallel.replicated(mesh))
-  abstract_vars.setdefault("batch_stats", {})
-  has_teacher = methods.get_method(config.method).uses_teacher
-  prefix = "ema_" if has_teacher else ""
-  target = {f"{prefix}params": abstract_vars["params"],
-            f"{prefix}batch_stats": abstract_vars["batch_stats"]}
-  restored, step = checkpointing.restore_subtree(workdir, target)
-  variables = {"params": restored[f"{prefix}params"], "batch_stats": restored[f"{prefix}batch_stats"]}
-  logging.info("Evaluating %s weights of step %d on %d devices", "teacher" if has_teacher else "student",
-               step, mesh.devices.size)
-
+  info, method = train.build(config)
   parallel.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
-  batches_fn, _ = datasets.create_eval_iterator(
+  train.prepare_data(config)
+  abstract_state = checkpointing.abstract_like(
+      jax.eval_shape(lambda: train.create_state(config, method, mesh)),
+      parallel.replicated(mesh))
+  manager = checkpointing.create_resume_manager(workdir, max_to_keep=1, read_only=True)
+  if manager.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint found in {manager.directory}")
+  state = checkpointing.restore_state(manager, abstract_state)
+  step = int(jax.device_get(state.step))
+  variables = method.eval_variables(state)
+  logging.info("Evaluating step %d (%s) on %d devices", step, method.description, mesh.devices.size)
+
+  batches_fn = datasets.create_eval_iterator(
       config.input, split=config.input.eval_split,
       local_batch_size=parallel.local_batch_size(config.input.eval_batch_size),
       process_index=jax.process_index(), process_count=jax.process_count())
-  step_fn = make_eval_step(mesh, model.apply, info.num_classes)
+  step_fn = make_eval_step(mesh, method.apply_fn, info.num_classes)
   results, _ = run_evaluation(step_fn, variables, batches_fn(), mesh, info.num_classes,
                               config.eval_absent_classes)
   scalars = flat_eval_scalars(results, info.class_names)
-  scalars["step"] = int(step)
+  scalars["step"] = step
   if jax.process_index() == 0:
     path = os.path.join(workdir, f"eval_{config.input.eval_split}.json")
     with open(path, "w") as f:

@@ -5,6 +5,7 @@ weight_decay=5e-4)` with one parameter group: L2 decay is added to the gradient 
 every parameter (BN and biases included) before momentum. optax's `sgd(nesterov=True)`
 has the same update rule as torch's.
 """
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -37,8 +38,32 @@ def create_lr_schedule(optim_config: ml_collections.ConfigDict, num_train_steps:
 
 def create_optimizer(optim_config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with Nesterov momentum and L2 weight decay on all parameters."""
-  return optax.chain(
-      optax.add_decayed_weights(optim_config.weight_decay),
-      optax.sgd(schedule, momentum=optim_config.momentum, nesterov=optim_config.nesterov),
-  )
+  """SGD with (Nesterov) momentum and L2 weight decay on all parameters.
+
+  With `optim.backbone_lr_mult` != 1 (CAC's `diff_lrs`: the backbone at lr/10) the
+  parameters under a module named 'backbone' form a second group whose learning rate is the
+  schedule times that factor (an optax multi_transform); at 1.0 the optimiser is the single
+  group, unchanged.
+  """
+  def sgd(lr):
+    return optax.chain(
+        optax.add_decayed_weights(optim_config.weight_decay),
+        optax.sgd(lr, momentum=optim_config.momentum, nesterov=optim_config.nesterov),
+    )
+
+  mult = float(optim_config.get("backbone_lr_mult", 1.0))
+  if mult == 1.0:
+    return sgd(schedule)
+  if mult <= 0:
+    raise ValueError(f"config optim.backbone_lr_mult={mult} must be positive")
+  return optax.multi_transform(
+      {"backbone": sgd(lambda step: mult * schedule(step)), "head": sgd(schedule)},
+      param_group_labels)
+
+
+def param_group_labels(params):
+  """'backbone' for every parameter under a module named 'backbone', else 'head'."""
+  def label(path, _):
+    names = [str(getattr(k, "key", k)) for k in path]
+    return "backbone" if "backbone" in names else "head"
+  return jax.tree_util.tree_map_with_path(label, params)

@@ -9,7 +9,9 @@ import os
 
 import jax
 import numpy as np
-from clu import metric_writers
+from clu import metric_writers, parameter_overview
+
+from reco_jax.constants import IMAGENET_MEAN, IMAGENET_STD, UINT8_MAX
 
 
 class MetricsLogger:
@@ -47,6 +49,19 @@ class MetricsLogger:
       self._jsonl = None
 
 
+PARAMETERS_FILE = "parameters.txt"
+
+
+def write_parameter_overview(workdir: str, params) -> tuple[str, int, str]:
+  """Writes clu's parameter table (name, shape, size, mean, std per array) to
+  `workdir/parameters.txt`. Returns (the table, the number of parameters, the file's path)."""
+  table = parameter_overview.get_parameter_overview(params)
+  path = os.path.join(workdir, PARAMETERS_FILE)
+  with open(path, "w") as f:
+    f.write(table + "\n")
+  return table, parameter_overview.count_parameters(params), path
+
+
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
   """`int[...,H,W]` class map -> `u8[...,H,W,3]`; ignored pixels (<0) are black."""
   palette = np.concatenate([np.asarray(palette, np.uint8), np.zeros((1, 3), np.uint8)])
@@ -55,6 +70,6 @@ def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 def denormalize(images: np.ndarray) -> np.ndarray:
   """ImageNet-normalised `f32[...,3]` -> `u8[...,3]` for display."""
-  mean = np.asarray([0.485, 0.456, 0.406], np.float32)
-  std = np.asarray([0.229, 0.224, 0.225], np.float32)
-  return np.clip((images * std + mean) * 255.0, 0, 255).astype(np.uint8)
+  mean = np.asarray(IMAGENET_MEAN, np.float32)
+  std = np.asarray(IMAGENET_STD, np.float32)
+  return np.clip((images * std + mean) * float(UINT8_MAX), 0, UINT8_MAX).astype(np.uint8)

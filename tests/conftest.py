@@ -66,7 +66,7 @@ def single_device_mesh():
 
 
 def with_overrides(config, overrides: dict):
-  """`config` with dotted-key overrides applied, e.g. `{"semi.quantize": False}`; returns it."""
+  """`config` with dotted-key overrides applied, e.g. `{"mean_teacher.quantize": False}`; returns it."""
   for key, value in overrides.items():
     node = config
     *path, leaf = key.split(".")
@@ -79,12 +79,36 @@ def with_overrides(config, overrides: dict):
 def restore_latest_state(config, workdir: str):
   """The latest resume checkpoint of `workdir` (a run of `config`), restored replicated onto
   all devices."""
-  from input_pipeline import datasets
-  from reco_jax import checkpointing, models, parallel, train
-  num_classes = datasets.get_dataset_info(config.input).num_classes
+  from reco_jax import checkpointing, parallel, train
   mesh = parallel.create_mesh()
-  model = models.create_model(config.model, num_classes)
+  _, method = train.build(config)
   target = checkpointing.abstract_like(
-      jax.eval_shape(lambda: train.create_state(config, model, mesh)), parallel.replicated(mesh))
+      jax.eval_shape(lambda: train.create_state(config, method, mesh)), parallel.replicated(mesh))
   return checkpointing.restore_state(
       checkpointing.create_resume_manager(workdir, 2, read_only=True), target)
+
+
+def toy_segmenter(num_classes: int, logit_scale: float = 4.0):
+  """A one-conv segmenter with the models' interface, for step-level tests that compile fast.
+
+  `apply(variables, images f32[B,H,W,3], train)` -> {'logits': f32[B,H/4,W/4,C],
+  'rep': f32[B,H/4,W/4,8], 'features': {}}, with BatchNorm. `logit_scale` makes the randomly
+  initialised classifier confident, so that some teacher confidences pass delta_w and
+  delta_s and the unsupervised loss is not trivially 0.
+  """
+  import flax.linen as nn
+
+  class _Toy(nn.Module):
+    num_classes: int
+    logit_scale: float
+
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.avg_pool(x, (4, 4), strides=(4, 4))
+      x = nn.Conv(8, (3, 3))(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+      x = nn.relu(x)
+      return {"logits": self.logit_scale * nn.Conv(self.num_classes, (1, 1), name="classifier")(x),
+              "rep": nn.Conv(8, (1, 1))(x), "features": {}}
+
+  return _Toy(num_classes, logit_scale)

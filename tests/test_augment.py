@@ -432,3 +432,31 @@ def test_classmix_ignores_out_of_range_labels():
   masks = jax.vmap(augment.classmix_mask, in_axes=(0, None, None))(_keys(50), labels, 3)
   np.testing.assert_array_equal(np.asarray(masks[:, 0, 2:]), 0)
   np.testing.assert_array_equal(np.asarray(masks[:, 0, :2].sum(1)), 1)  # n = 2 present -> 1 kept
+
+
+def test_strong_augment_order_is_rescale_crop_then_mix_then_photometric(monkeypatch):
+  """train_semisup.py: batch_transform(rescale/crop) -> generate_unsup_data(mix) ->
+  batch_transform(photometric); each stage reads what the previous one wrote."""
+  calls = []
+
+  def recording(name):
+    real = getattr(augment, name)
+
+    def stage(key, images, labels, confidence, *args, **kwargs):
+      out = real(key, images, labels, confidence, *args, **kwargs)
+      calls.append((name, images, out[0]))
+      return out
+    return stage
+
+  for name in ("random_rescale_crop", "generate_unsup_data", "photometric_augment"):
+    monkeypatch.setattr(augment, name, recording(name))
+  rng = np.random.RandomState(0)
+  images = jnp.asarray(rng.randn(2, 12, 12, 3), jnp.float32)
+  labels = jnp.asarray(rng.randint(0, 3, (2, 12, 12)), jnp.int32)
+  conf = jnp.asarray(rng.uniform(0.5, 1, (2, 12, 12)), jnp.float32)
+  out, _, _ = augment.strong_augment(jax.random.key(0), images, labels, conf, mode="classmix",
+                                     scale_range=(0.5, 1.5), crop_size=(8, 8), num_classes=3)
+  assert [c[0] for c in calls] == ["random_rescale_crop", "generate_unsup_data", "photometric_augment"]
+  assert calls[0][1] is images  # the crop reads the raw batch (12x12 -> 8x8)
+  assert calls[1][1] is calls[0][2] and calls[2][1] is calls[1][2]
+  assert calls[2][2] is out

@@ -189,6 +189,9 @@ def test_cityscapes_half_builder_maps_ids_and_resizes(tmp_path):
   ids, presence = splits.load_class_presence(prepare.presence_path(builder))
   assert ids == [ex["image_id"] for ex in train]
   assert presence.shape == (3, 19) and presence.all()  # random labels hold every class
+  # The recorded largest image size is the stored (resized) one.
+  record = base.load_source_record(builder)
+  assert record["max_image_size"] == {"train": [512, 1024], "val": [512, 1024]}
 
 
 def test_cityscapes_resize_keeps_an_example_of_the_target_size():
@@ -258,6 +261,8 @@ def test_sun_split_mapping_and_size(tmp_path):
     assert np.array_equal(ex["label"][..., 0], np.kron(expected, np.ones((32, 32), np.uint8)))
   ids, presence = splits.load_class_presence(prepare.presence_path(builder))
   assert ids == [ex["image_id"] for ex in train] and presence.shape == (5, 37)
+  assert base.load_source_record(builder)["max_image_size"] == {"train": [384, 512],
+                                                                "test": [384, 512]}
 
 
 def test_sun_preprocessed_layout_gives_the_same_split(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from configs import default
+from configs import common
 from input_pipeline import datasets
 from input_pipeline.builders import base
 from input_pipeline.builders import camvid
@@ -150,11 +150,11 @@ def test_size_mismatch_names_file_and_sizes(tmp_path):
 def test_out_of_range_labels_name_file_and_values(tmp_path):
   _write_segnet(tmp_path / "raw", {"train": 2})
   bad = np.zeros(SIZE, np.uint8)
-  bad[0, :3] = [12, 200, 255]  # 255 is void already: allowed
+  bad[0, :3] = [12, 200, 255]  # CamVid's void is 11: raw 255 is no label either
   Image.fromarray(bad).save(tmp_path / "raw" / "trainannot" / "train000.png")
   _one_line_error(tmp_path, base.DataError,
-                  r"label .*raw/trainannot/train000.png has values \[12, 200\] outside "
-                  r"\[0, 11\) and not void \(255\)")
+                  r"label .*raw/trainannot/train000.png: raw values \[12, 200, 255\] are not "
+                  r"CamVid labels \(0-10 classes, 11 void\)")
   # Fixing the data makes the next prepare succeed (no half-written dataset left behind).
   Image.fromarray(np.zeros(SIZE, np.uint8)).save(tmp_path / "raw" / "trainannot" / "train000.png")
   assert _prepare(tmp_path / "raw", tmp_path / "tfds").info.splits["train"].num_examples == 2
@@ -170,13 +170,12 @@ def test_rgb_label_is_rejected(tmp_path):
 
 
 def _camvid_config(tmp_path, **overrides):
-  cfg = default.base_config().input
+  cfg = common.base_config().input
   cfg.dataset = "camvid"
   cfg.manual_dir = str(tmp_path / "raw")
   cfg.data_dir = str(tmp_path / "tfds")
   cfg.crop_size = (8, 8)
   cfg.eval_size = SIZE
-  cfg.shuffle_buffer = 8
   cfg.update(overrides)
   return cfg
 
@@ -188,18 +187,19 @@ def test_train_and_eval_iterators_on_camvid(tmp_path):
   assert info.num_classes == 11 and info.class_names[2] == "pole"
   assert info.palette.shape == (11, 3)
   kwargs = dict(seed=0, local_batch_size=4, process_index=0, process_count=1)
-  for labeled in (True, False):
-    batch = next(datasets.create_train_iterator(cfg, labeled=labeled, **kwargs))
+  for name, subset, augment in (("labeled", "labeled", True), ("unlabeled", "unlabeled", False)):
+    batch = next(datasets.create_train_iterator(
+        cfg, stream_name=name, stream=datasets.Stream(subset=subset, augment=augment), **kwargs))
     assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].shape == (4, 8, 8)
     assert set(np.unique(batch["label"])) <= set(range(-1, 11))
   # The eval split is the user's choice (here `test`), shared out over two processes.
   seen = []
   for process_index in range(2):
-    eval_batches, num_batches = datasets.create_eval_iterator(
+    eval_batches = datasets.create_eval_iterator(
         cfg, split=cfg.eval_split, local_batch_size=2, process_index=process_index,
         process_count=2)
     batches = list(eval_batches())
-    assert num_batches == 1 and len(batches) == 1
+    assert len(batches) == 1
     for label, mask in zip(batches[0]["label"], batches[0]["mask"]):
       if mask:
         seen.append(label)
@@ -212,8 +212,9 @@ def test_labeled_ids_select_camvid_images(tmp_path):
   written = _write_segnet(tmp_path / "raw", {"train": 4, "val": 1})
   cfg = _camvid_config(tmp_path, labeled_ids=("train002",), crop_size=SIZE, scale_range=(1, 1),
                        flip_prob=0.0, color_jitter_prob=0.0, blur_prob=0.0)
-  batch = next(datasets.create_train_iterator(cfg, seed=0, local_batch_size=3, process_index=0,
-                                              process_count=1))
+  batch = next(datasets.create_train_iterator(
+      cfg, stream_name="labeled", stream=datasets.Stream(subset="labeled", augment=True), seed=0,
+      local_batch_size=3, process_index=0, process_count=1))
   want = _device_label(written["train"]["train002"][1])
   for label in batch["label"]:
     np.testing.assert_array_equal(label, want)

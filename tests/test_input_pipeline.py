@@ -2,16 +2,20 @@
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy import stats
 import tensorflow as tf
 
-from configs import default
+from configs import common
 from input_pipeline import datasets
 from input_pipeline import preprocess
 from input_pipeline import splits
 from input_pipeline import synthetic
+from reco_jax import constants
 
-MEAN = np.array(preprocess.IMAGENET_MEAN, np.float32)
-STD = np.array(preprocess.IMAGENET_STD, np.float32)
+MEAN = np.array(constants.IMAGENET_MEAN, np.float32)
+STD = np.array(constants.IMAGENET_STD, np.float32)
+LABELED = datasets.Stream(subset="labeled", augment=True)
+UNLABELED = datasets.Stream(subset="unlabeled", augment=False)
 
 
 def _seed(k: int) -> tf.Tensor:
@@ -41,13 +45,12 @@ def _run_seeds(fn, image, label, seeds, *, in_dataset: bool) -> list:
 
 def _input_config(**synthetic_overrides):
   """A tiny synthetic input config: 16 train / 8 val images of 32x32."""
-  cfg = default.base_config().input
+  cfg = common.base_config().input
   cfg.synthetic.num_train = 16
   cfg.synthetic.num_val = 8
   cfg.synthetic.image_size = (32, 32)
   cfg.crop_size = (24, 24)
   cfg.eval_size = (32, 32)
-  cfg.shuffle_buffer = 16
   cfg.synthetic.update(synthetic_overrides)
   return cfg
 
@@ -279,8 +282,8 @@ def test_eval_rejects_images_larger_than_eval_size():
                               tf.constant("img_7"), (8, 8))
   cfg = _input_config()
   cfg.eval_size = (32, 30)
-  eval_batches, _ = datasets.create_eval_iterator(cfg, split="val", local_batch_size=2,
-                                                  process_index=0, process_count=1)
+  eval_batches = datasets.create_eval_iterator(cfg, split="val", local_batch_size=2,
+                                               process_index=0, process_count=1)
   with pytest.raises(ValueError) as error:
     next(eval_batches())
   assert str(error.value) == ("eval image val_00000 is 32x32 (HxW), larger than "
@@ -332,22 +335,46 @@ def test_synthetic_ids_round_trip():
 # ------------------------------------------------------------------------------------------
 
 
-def _first_batches(cfg, n=2, **kwargs):
-  it = datasets.create_train_iterator(cfg, **kwargs)
+def _first_batches(cfg, n=2, *, stream_name="labeled", stream=LABELED, **kwargs):
+  it = datasets.create_train_iterator(cfg, stream_name=stream_name, stream=stream, **kwargs)
   return [next(it) for _ in range(n)]
+
+
+def _image_lookup(split, indices, image_size) -> dict[bytes, int]:
+  """u8 bytes of each unaugmented synthetic image -> its index (images must be unique)."""
+  images = synthetic.generate_split(0, split, indices, image_size)[0]
+  lookup = {image.tobytes(): k for k, image in zip(indices, images)}
+  assert len(lookup) == len(images), "synthetic images are not unique at this size"
+  return lookup
+
+
+def _drawn_indices(batches, lookup) -> list[int]:
+  """Source index of every image of unaugmented batches, in stream order."""
+  return [lookup[np.round(_denormalize(image)).astype(np.uint8).tobytes()]
+          for batch in batches for image in batch["image"]]
+
+
+def _draws(num_examples, positions, *, sampling, seed=0, process_index=0,
+           stream_name="labeled"):
+  """`draw_index` at each position, as the pipeline of that stream computes it."""
+  key = datasets.stream_seed(seed, process_index, stream_name, "order")
+  ds = tf.data.Dataset.from_tensor_slices(np.asarray(positions, np.int64))
+  ds = ds.map(lambda p: datasets.draw_index(p, num_examples=num_examples, sampling=sampling,
+                                            key=key)).batch(4096)
+  return np.concatenate(list(ds.as_numpy_iterator()))
 
 
 def test_train_iterator_shapes_and_dtypes():
   cfg = _input_config()
-  batch = next(datasets.create_train_iterator(cfg, seed=0, local_batch_size=4,
-                                              process_index=0, process_count=1))
+  batch = _first_batches(cfg, n=1, seed=0, local_batch_size=4, process_index=0,
+                         process_count=1)[0]
   assert set(batch) == {"image", "label"}
   assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (4, 24, 24) and batch["label"].dtype == np.int32
   assert set(np.unique(batch["label"])) <= set(range(-1, synthetic.NUM_CLASSES))
 
 
-def test_train_iterator_is_deterministic_per_seed_and_process():
+def test_train_iterator_is_deterministic_per_seed_process_and_stream():
   cfg = _input_config()
   kwargs = dict(local_batch_size=4, process_count=2)
   a = _first_batches(cfg, seed=0, process_index=0, **kwargs)
@@ -357,43 +384,136 @@ def test_train_iterator_is_deterministic_per_seed_and_process():
     np.testing.assert_array_equal(x["label"], y["label"])
   other_seed = _first_batches(cfg, seed=1, process_index=0, **kwargs)
   other_process = _first_batches(cfg, seed=0, process_index=1, **kwargs)
-  for other in (other_seed, other_process):
+  # Same subset and augmentation, another name: an independent stream.
+  other_name = _first_batches(cfg, seed=0, process_index=0, stream_name="labeled_2", **kwargs)
+  for other in (other_seed, other_process, other_name):
     assert not np.array_equal(a[0]["image"], other[0]["image"])
 
 
-def test_train_iterator_resumes_at_start_step():
+def test_stream_seeds_are_stable_across_interpreters_and_distinct():
+  # Pinned values: a seed derived with Python's hash() of the name would change with
+  # PYTHONHASHSEED, and resumed runs would draw other examples.
+  assert datasets.stream_seed(0, 0, "labeled", "order") == 6204185704898857664
+  assert datasets.stream_seed(0, 0, "unlabeled", "order") == 7714914817457111942
+  seeds = {datasets.stream_seed(s, p, name, purpose)
+           for s in (0, 1) for p in (0, 1) for name in ("labeled", "unlabeled")
+           for purpose in datasets.SEED_PURPOSES}
+  assert len(seeds) == 16 and all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("sampling", datasets.SAMPLINGS)
+def test_train_iterator_resumes_at_start_step(sampling):
   cfg = _input_config()
+  cfg.sampling = sampling
   kwargs = dict(seed=0, local_batch_size=4, process_index=0, process_count=1)
-  fresh = _first_batches(cfg, n=4, **kwargs)
-  resumed = _first_batches(cfg, n=1, start_step=3, **kwargs)
-  np.testing.assert_array_equal(resumed[0]["image"], fresh[3]["image"])
-  np.testing.assert_array_equal(resumed[0]["label"], fresh[3]["label"])
+  # 16 images in batches of 4: batch 5 is in the second epoch of the permutation.
+  fresh = _first_batches(cfg, n=7, **kwargs)
+  resumed = _first_batches(cfg, n=2, start_step=5, **kwargs)
+  for got, want in zip(resumed, fresh[5:]):
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_draws_spread_over_the_whole_split():
+  """The first 200 examples of a stream over 2000 images come from the whole split.
+
+  (A shuffle buffer over the split read in id order draws them from its first few hundred.)
+  """
+  n, image_size = 2000, (8, 8)
+  cfg = _no_augmentation(_input_config(num_train=n, image_size=image_size))
+  batches = _first_batches(cfg, n=10, seed=0, local_batch_size=20, process_index=0,
+                           process_count=1)
+  drawn = np.array(_drawn_indices(batches, _image_lookup("train", range(n), image_size)))
+  # The pipeline draws exactly `draw_index`'s examples (the uniformity tests below use it).
+  np.testing.assert_array_equal(drawn, _draws(n, range(200), sampling="replacement"))
+  assert drawn.max() - drawn.min() > 0.8 * n
+  assert len(np.unique(drawn * 10 // n)) == 10  # every decile of the id range
+  assert len(np.unique(drawn)) > 180  # i.i.d.: about 10 repeats expected in 200 of 2000
+
+
+def test_replacement_draws_are_iid_uniform():
+  n, count = 2000, 20000
+  draws = _draws(n, range(count), sampling="replacement")
+  assert draws.min() >= 0 and draws.max() < n
+  # Uniform over 20 equal bins of the id range (chi-square test, p < 0.001 fails).
+  observed = np.bincount(draws * 20 // n, minlength=20)
+  chi2 = ((observed - count / 20) ** 2 / (count / 20)).sum()
+  assert chi2 < stats.chi2.ppf(0.999, df=19), observed
+  # With replacement: n draws from n images hit about n (1 - 1/e) distinct ones (sd ~14).
+  assert abs(len(np.unique(draws[:n])) - n * (1 - np.exp(-1))) < 70
+  # Independent positions: no serial correlation.
+  assert abs(np.corrcoef(draws[:-1], draws[1:])[0, 1]) < 0.03
+  # Another stream or process draws another sequence.
+  for other in (_draws(n, range(200), sampling="replacement", stream_name="unlabeled"),
+                _draws(n, range(200), sampling="replacement", process_index=1)):
+    assert (other != draws[:200]).mean() > 0.9
+
+
+def test_permutation_covers_every_index_once_per_epoch():
+  n = 50
+  draws = _draws(n, range(3 * n), sampling="permutation").reshape(3, n)
+  for epoch in draws:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+  assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
+  assert not np.array_equal(draws[0], np.arange(n))
+  np.testing.assert_array_equal(_draws(1, range(3), sampling="permutation"), [0, 0, 0])
+
+
+def test_permutation_stream_yields_each_image_once_per_epoch():
+  n, image_size = 12, (8, 8)
+  cfg = _no_augmentation(_input_config(num_train=n, image_size=image_size))
+  cfg.sampling = "permutation"
+  # Batches of 5 do not divide the epoch: epochs end inside a batch.
+  batches = _first_batches(cfg, n=12, seed=3, local_batch_size=5, process_index=0,
+                           process_count=1)
+  drawn = np.array(_drawn_indices(batches, _image_lookup("train", range(n), image_size)))
+  np.testing.assert_array_equal(drawn, _draws(n, range(60), sampling="permutation", seed=3))
+  for epoch in drawn.reshape(5, n):
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+
+
+@pytest.mark.parametrize("sampling", datasets.SAMPLINGS)
+def test_each_process_draws_from_its_own_share(sampling):
+  n, image_size = 20, (8, 8)
+  cfg = _no_augmentation(_input_config(num_train=n, image_size=image_size))
+  cfg.sampling = sampling
+  lookup = _image_lookup("train", range(n), image_size)
+  for process_index, share in ((0, set(range(10))), (1, set(range(10, 20)))):
+    batches = _first_batches(cfg, n=6, seed=0, local_batch_size=10,
+                             process_index=process_index, process_count=2)
+    drawn = _drawn_indices(batches, lookup)
+    assert set(drawn) <= share
+    if sampling == "permutation":
+      assert set(drawn) == share
+
+
+def test_unknown_sampling_and_subset_give_one_line_errors():
+  cfg = _input_config()
+  cfg.sampling = "shuffle_buffer"
+  kwargs = dict(seed=0, local_batch_size=4, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"^unknown input.sampling 'shuffle_buffer'; known: "
+                                       r"replacement, permutation$"):
+    _first_batches(cfg, n=1, **kwargs)
+  with pytest.raises(ValueError, match=r"^stream 'extra': unknown Stream.subset 'all'; known: "
+                                       r"labeled, unlabeled$"):
+    _first_batches(_input_config(), n=1, stream_name="extra",
+                   stream=datasets.Stream(subset="all", augment=True), **kwargs)
 
 
 def test_labeled_and_unlabeled_subsets():
   cfg = _no_augmentation(_input_config(num_train=4))
   cfg.labeled_ids = ("train_00003",)
-  originals = synthetic.generate_split(0, "train", range(4), (32, 32))[0].astype(np.float32)
-
-  def source_indices(batch):
-    indices = []
-    for image in _denormalize(batch["image"]):
-      matches = [k for k in range(4) if np.allclose(image, originals[k], atol=1e-3)]
-      assert len(matches) == 1, "every example is an unaugmented source image"
-      indices.append(matches[0])
-    return indices
-
+  lookup = _image_lookup("train", range(4), (32, 32))
   kwargs = dict(seed=0, local_batch_size=4, process_index=0, process_count=1)
-  labeled = next(datasets.create_train_iterator(cfg, labeled=True, **kwargs))
-  assert source_indices(labeled) == [3, 3, 3, 3]
-  unlabeled = _first_batches(cfg, n=3, labeled=False, **kwargs)
-  seen = [i for b in unlabeled for i in source_indices(b)]
-  assert set(seen) == {0, 1, 2}
+  labeled = _first_batches(cfg, n=1, **kwargs)
+  assert _drawn_indices(labeled, lookup) == [3, 3, 3, 3]
+  unlabeled = _first_batches(cfg, n=3, stream_name="unlabeled", stream=UNLABELED, **kwargs)
+  assert set(_drawn_indices(unlabeled, lookup)) == {0, 1, 2}
   # The unlabelled stream keeps its labels (for monitoring).
   want_labels = synthetic.generate_split(0, "train", range(4), (32, 32))[1]
-  for image_index, label in zip(source_indices(unlabeled[0]), unlabeled[0]["label"]):
+  for image_index, label in zip(_drawn_indices(unlabeled[:1], lookup), unlabeled[0]["label"]):
     want = want_labels[image_index].astype(np.int32)
-    want[want == 255] = -1
+    want[want == constants.STORED_VOID] = constants.IGNORE_LABEL
     np.testing.assert_array_equal(label, want)
 
 
@@ -401,23 +521,24 @@ def test_num_labeled_draws_a_seeded_subset_and_records_it(tmp_path):
   # The synthetic dataset has no official rule: a seeded uniform draw, written to the workdir.
   cfg = _no_augmentation(_input_config(num_train=10))
   cfg.num_labeled = 3
+  cfg.sampling = "permutation"  # every image of a subset within one epoch
   ids = [synthetic.image_id("train", k) for k in range(10)]
   want, _ = splits.select_random_subset(ids, 3, seed=5)
   assert want != splits.select_random_subset(ids, 3, seed=6)[0]
-  originals = synthetic.generate_split(0, "train", range(10), (32, 32))[0].astype(np.float32)
+  lookup = _image_lookup("train", range(10), (32, 32))
 
-  def source_ids(batch):
-    return {ids[next(k for k in range(10) if np.allclose(image, originals[k], atol=1e-3))]
-            for image in _denormalize(batch["image"])}
+  def source_ids(batches):
+    return {ids[k] for k in _drawn_indices(batches, lookup)}
 
   kwargs = dict(seed=5, local_batch_size=4, process_index=0, process_count=1)
   workdir = tmp_path / "run"
   labeled = _first_batches(cfg, n=3, workdir=str(workdir), **kwargs)
-  assert set().union(*map(source_ids, labeled)) == set(want)
+  assert source_ids(labeled) == set(want)
   recorded, header = splits.read_ids_with_header(str(workdir / splits.LABELED_IDS_FILE))
   assert recorded == want and header["num_labeled"] == "3" and header["seed"] == "5"
-  unlabeled = _first_batches(cfg, n=4, labeled=False, workdir=str(workdir), **kwargs)
-  assert set().union(*map(source_ids, unlabeled)) == set(ids) - set(want)
+  unlabeled = _first_batches(cfg, n=2, stream_name="unlabeled", stream=UNLABELED,
+                             workdir=str(workdir), **kwargs)
+  assert source_ids(unlabeled) == set(ids) - set(want)
   # Only process 0 writes the file; the others compute the same subset.
   other = tmp_path / "other"
   other.mkdir()
@@ -444,10 +565,10 @@ def test_eval_padding_mask_and_equal_batch_counts_across_processes():
   found = []
   counts = []
   for process_index in range(2):
-    eval_batches, num_batches = datasets.create_eval_iterator(
+    eval_batches = datasets.create_eval_iterator(
         cfg, split="val", local_batch_size=4, process_index=process_index, process_count=2)
     batches = list(eval_batches())
-    assert num_batches == 2 and len(batches) == 2  # 7 and 6 examples -> 2 batches each
+    assert len(batches) == 2  # 7 and 6 examples -> 2 batches each
     assert len(list(eval_batches())) == 2  # a fresh pass each call
     counts.append(sum(int(b["mask"].sum()) for b in batches))
     for batch in batches:
@@ -455,7 +576,7 @@ def test_eval_padding_mask_and_equal_batch_counts_across_processes():
       assert batch["mask"].dtype == bool
       for image, label, mask in zip(batch["image"], batch["label"], batch["mask"]):
         if not mask:
-          assert (label == -1).all() and (image == 0).all()
+          assert (label == constants.IGNORE_LABEL).all() and (image == 0).all()
           continue
         rgb = _denormalize(image)
         k = next(k for k in range(13) if np.allclose(rgb[:20, :28], originals[k], atol=1e-3))
@@ -463,8 +584,9 @@ def test_eval_padding_mask_and_equal_batch_counts_across_processes():
         want_image = np.pad(originals[k].astype(np.float32), ((0, 12), (0, 4), (0, 0)),
                             "reflect")
         np.testing.assert_allclose(rgb, want_image, atol=1e-3)
-        want_label = np.pad(labels[k].astype(np.int32), ((0, 12), (0, 4)), constant_values=255)
-        want_label[want_label == 255] = -1
+        want_label = np.pad(labels[k].astype(np.int32), ((0, 12), (0, 4)),
+                            constant_values=constants.STORED_VOID)
+        want_label[want_label == constants.STORED_VOID] = constants.IGNORE_LABEL
         np.testing.assert_array_equal(label, want_label)
   assert counts == [7, 6]
   assert sorted(found) == list(range(13))

@@ -108,9 +108,14 @@ def test_unknown_config_override_fails_with_its_name(tmp_path):
   assert proc.returncode != 0 and "lrr" in proc.stderr
 
 
+def test_misspelt_method_in_the_config_argument_fails_with_its_name(tmp_path):
+  proc = _run_main(str(tmp_path), "--config=configs/voc.py:method=clasmix_reco,variant=smoke", check=False)
+  assert proc.returncode != 0 and "clasmix_reco" in proc.stderr and "classmix_reco" in proc.stderr
+
+
 # The multi-process test is about process groups, data slices and orbax, not the method:
 # the supervised smoke program compiles in about half the time of the default's.
-SUPERVISED_SMOKE = "--config=configs/synthetic_supervised.py:smoke"
+SUPERVISED_SMOKE = "--config=configs/synthetic.py:method=supervised,variant=smoke"
 
 
 def _free_port():
@@ -133,7 +138,8 @@ def test_two_process_distributed_run(tmp_path):
              TF_CPP_MIN_LOG_LEVEL="2")
   procs = [subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}",
                              SUPERVISED_SMOKE, f"--coordinator_address=127.0.0.1:{port}",
-                             "--num_processes=2", f"--process_id={i}"],
+                             "--num_processes=2", f"--process_id={i}",
+                             "--verbosity=0"],  # the INFO log names each process's devices
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]

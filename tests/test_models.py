@@ -17,7 +17,7 @@ from reco_jax.models import resnet
 _GOLDEN_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _tiny_model_config(name: str, output_stride: int, dtype: str = "float32"):
+def _tiny_model_config(name: str, output_stride: int | None, dtype: str = "float32"):
   config = default.get_config("smoke").model
   config.name = name
   config.output_stride = output_stride
@@ -30,12 +30,19 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int =
   return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _torch_sizes(size: int, output_stride: int) -> tuple[int, int]:
-  """(layer1, layer4) spatial size of torchvision's ResNet with dilation, by PyTorch arithmetic."""
+def _torch_layer_sizes(size: int, output_stride: int) -> dict[str, int]:
+  """layer1..layer4 spatial sizes of torchvision's ResNet with dilation (PyTorch arithmetic)."""
   stride4 = _conv_out(_conv_out(size, 7, 2, 3), 3, 2, 1)  # conv1, maxpool
   stride8 = _conv_out(stride4, 3, 2, 1)
   stride16 = _conv_out(stride8, 3, 2, 1)
-  return stride4, (stride16 if output_stride == 16 else stride8)
+  deep = stride16 if output_stride == 16 else stride8
+  return {"layer1": stride4, "layer2": stride8, "layer3": deep, "layer4": deep}
+
+
+def _torch_sizes(size: int, output_stride: int) -> tuple[int, int]:
+  """(layer1, layer4) spatial size of torchvision's ResNet with dilation."""
+  sizes = _torch_layer_sizes(size, output_stride)
+  return sizes["layer1"], sizes["layer4"]
 
 
 def _key(seed: int = 0) -> jax.Array:
@@ -79,17 +86,69 @@ def test_output_shapes_follow_pytorch_arithmetic(name, output_stride, size):
   low, high = _torch_sizes(size, output_stride)
   out = low if name == "deeplabv3plus" else high
   for train in (True, False):
-    logits, rep = jax.eval_shape(
+    outputs = jax.eval_shape(
         functools.partial(model.apply, train=train, mutable=["batch_stats"]),
         variables, images)[0]
+    logits, rep = outputs["logits"], outputs["rep"]
     assert logits.shape == (2, out, out, 5)
     assert rep.shape == (2, out, out, 16)  # smoke rep_dim
     assert logits.dtype == rep.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("name", ["deeplabv3plus", "deeplabv2"])
+def test_features_are_the_backbone_stages_and_the_decoder_map(name, output_stride):
+  model = create_model(_tiny_model_config(name, output_stride), num_classes=5)
+  images = jax.ShapeDtypeStruct((2, 33, 33, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), _key(), images)
+  outputs = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
+  assert set(outputs) == {"logits", "rep", "features"}
+  features = outputs["features"]
+  sizes = _torch_layer_sizes(33, output_stride)
+  expected = {layer: (2, size, size, 8 * 2**i * 4)  # smoke width 8, bottleneck expansion 4
+              for i, (layer, size) in enumerate(sizes.items())}
+  if name == "deeplabv3plus":
+    # concat(project(layer1), upsampled ASPP): project_dim 8 + head_dim 16 at stride 4.
+    expected["decoder"] = (2, sizes["layer1"], sizes["layer1"], 8 + 16)
+  assert {k: v.shape for k, v in features.items()} == expected
+  assert {v.dtype for v in features.values()} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("name,layer4_size,out_size", [("deeplabv2", 41, 41),
+                                                       ("deeplabv3plus", 21, 81)])
+def test_output_stride_none_is_the_models_official_default(name, layer4_size, out_size):
+  # Official: deeplabv2.py always dilates layer3 and layer4 (stride 8: 321 -> 41x41);
+  # DeepLabv3+ outputs at stride 4 with its ASPP on layer4 at stride 16.
+  model = create_model(_tiny_model_config(name, None), num_classes=5)
+  images = jax.ShapeDtypeStruct((1, 321, 321, 3), jnp.float32)
+  aspp_rates = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, deeplab.ASPP):
+      aspp_rates.append(tuple(context.module.rates))
+    return next_fun(*args, **kwargs)
+
+  variables = jax.eval_shape(functools.partial(model.init, train=False), _key(), images)
+  with nn.intercept_methods(record):
+    outputs = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
+  assert outputs["logits"].shape == (1, out_size, out_size, 5)
+  assert outputs["rep"].shape == (1, out_size, out_size, 16)
+  assert outputs["features"]["layer4"].shape[1:3] == (layer4_size, layer4_size)
+  # The ASPP runs at stride 16: its official rates.
+  assert set(aspp_rates) == ({(6, 12, 18)} if name == "deeplabv3plus" else set())
+
+
+@pytest.mark.parametrize("name,output_stride", [("deeplabv2", 16), ("deeplabv3plus", 8)])
+def test_explicit_output_stride_overrides_the_default(name, output_stride):
+  model = create_model(_tiny_model_config(name, output_stride), num_classes=5)
+  assert model.backbone.output_stride == output_stride
+
+
 @pytest.mark.parametrize("name,output_stride", [("deeplabv3plus", 16), ("deeplabv2", 8)])
 def test_tiny_models_run_and_are_finite(name, output_stride):
-  _, _, (logits, rep), _, (eval_logits, eval_rep), _ = _init_and_apply(name, output_stride)
+  _, _, train_out, _, eval_out, _ = _init_and_apply(name, output_stride)
+  logits, rep = train_out["logits"], train_out["rep"]
+  eval_logits, eval_rep = eval_out["logits"], eval_out["rep"]
   low, high = _torch_sizes(33, output_stride)
   out = low if name == "deeplabv3plus" else high
   assert logits.shape == eval_logits.shape == (8, out, out, 5)
@@ -105,11 +164,12 @@ def test_full_size_backbone_shapes(backbone, size, output_stride):
   net = resnet.BACKBONES[backbone](output_stride=output_stride)
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(net.init, train=False), _key(), images)
-  low, high = jax.eval_shape(functools.partial(net.apply, train=False), variables, images)
-  low_size, high_size = _torch_sizes(size, output_stride)
+  features = jax.eval_shape(functools.partial(net.apply, train=False), variables, images)
+  sizes = _torch_layer_sizes(size, output_stride)
   expansion = 1 if backbone == "resnet18" else 4
-  assert low.shape == (1, low_size, low_size, 64 * expansion)
-  assert high.shape == (1, high_size, high_size, 512 * expansion)
+  assert {k: v.shape for k, v in features.items()} == {
+      layer: (1, sizes[layer], sizes[layer], 64 * 2**i * expansion)
+      for i, layer in enumerate(("layer1", "layer2", "layer3", "layer4"))}
 
 
 def test_resnet101_has_torchvision_parameter_count():
@@ -238,7 +298,8 @@ def test_batchnorm_statistics_are_global_under_a_sharded_batch(mesh):
 
 @pytest.mark.parametrize("name,output_stride", [("deeplabv3plus", 16), ("deeplabv2", 8)])
 def test_bfloat16_mode_computes_in_bf16_with_float32_params_and_outputs(name, output_stride):
-  _, variables, (logits32, _), _, _, _ = _init_and_apply(name, output_stride)
+  _, variables, outputs32, _, _, _ = _init_and_apply(name, output_stride)
+  logits32 = outputs32["logits"]
   model = create_model(_tiny_model_config(name, output_stride, "bfloat16"), num_classes=5)
   images = _images(8, 33)
   # The bf16 model has the same float32 variable tree as the float32 one.
@@ -250,8 +311,11 @@ def test_bfloat16_mode_computes_in_bf16_with_float32_params_and_outputs(name, ou
                  for eqn in jax.make_jaxpr(apply)(variables, images).eqns
                  if eqn.primitive.name == "conv_general_dilated"}
   assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
-  (logits, rep), updates = jax.jit(apply)(variables, images)
+  outputs, updates = jax.jit(apply)(variables, images)
+  logits, rep = outputs["logits"], outputs["rep"]
   assert logits.dtype == rep.dtype == jnp.float32
+  # Features stay in the compute dtype.
+  assert {x.dtype for x in jax.tree.leaves(outputs["features"])} == {jnp.dtype(jnp.bfloat16)}
   assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
   assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(rep)).all()
   # Close to the float32 model with the same parameters (bf16 has ~3 significant digits).
@@ -286,13 +350,14 @@ def test_official_head_widths_and_init():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("name", "unet"), ("backbone", "resnet34"), ("output_stride", 32), ("dtype", "float16"),
-    ("head_dim", 0)])
+    ("name", "unet"), ("backbone", "resnet34"), ("output_stride", 32), ("output_stride", 4),
+    ("dtype", "float16"), ("head_dim", 0)])
 def test_create_model_rejects_bad_config_with_the_field_name(field, value):
   config = _tiny_model_config("deeplabv3plus", 16)
   config[field] = value
-  with pytest.raises(ValueError, match=rf"config\.model\.{field}={value!r}"):
+  with pytest.raises(ValueError, match=rf"config\.model\.{field}={value!r}") as error:
     create_model(config, num_classes=5)
+  assert "\n" not in str(error.value)
 
 
 # ---- heads.npz goldens (golden README §8) -----------------------------------------------------
@@ -394,8 +459,9 @@ def test_deeplabv3plus_head_matches_golden_in_eval_and_train_mode(golden):
   abstract = jax.eval_shape(functools.partial(head.init, train=False), _key(),
                             x_low, x_high)
   variables = _variables_from_recipe(abstract, g["dlv3p_head_state_names"], _DLV3P_MODULES)
-  (eval_pred, eval_rep), (train_pred, train_rep) = _eval_and_train(head, variables, x_low,
-                                                                   x_high)
+  eval_out, train_out = _eval_and_train(head, variables, x_low, x_high)
+  eval_pred, eval_rep = eval_out["logits"], eval_out["rep"]
+  train_pred, train_rep = train_out["logits"], train_out["rep"]
   np.testing.assert_allclose(_nchw(eval_pred), g["dlv3p_eval_pred"], **_GOLDEN_TOL)
   np.testing.assert_allclose(_nchw(eval_rep), g["dlv3p_eval_rep"], **_GOLDEN_TOL)
   np.testing.assert_allclose(_nchw(train_pred), g["dlv3p_train_pred"], **_GOLDEN_TOL)
@@ -409,6 +475,7 @@ def test_deeplabv2_head_matches_golden(golden):
   abstract = jax.eval_shape(functools.partial(head.init, train=False), _key(),
                             x_high)
   variables = _variables_from_recipe(abstract, g["dlv2_head_state_names"], _DLV2_MODULES)
-  pred, rep = jax.jit(functools.partial(head.apply, train=False))(variables, x_high)
+  out = jax.jit(functools.partial(head.apply, train=False))(variables, x_high)
+  pred, rep = out["logits"], out["rep"]
   np.testing.assert_allclose(_nchw(pred), g["dlv2_pred"], **_GOLDEN_TOL)
   np.testing.assert_allclose(_nchw(rep), g["dlv2_rep"], **_GOLDEN_TOL)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import default
+from configs import common
 from reco_jax import optim
 
 
@@ -17,7 +17,7 @@ def test_poly_lr_matches_official_per_epoch(golden):
 
 
 def test_epoch_schedule_is_piecewise_constant_and_iteration_schedule_is_not():
-  config = default.base_config().optim
+  config = common.base_config().optim
   config.schedule_unit = "epoch"
   config.steps_per_epoch = 200
   epoch = optim.create_lr_schedule(config, 40_000)

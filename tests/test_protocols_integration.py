@@ -1,7 +1,6 @@
 """The benchmark protocols end to end on a tiny fake VOC folder: labelled-subset selection,
-split files, partial labels, a smoke training run, and the per-dataset configs."""
+split files, partial labels, a smoke training run, and the benchmark datasets' configs."""
 import dataclasses
-import glob
 import importlib
 import json
 import os
@@ -12,14 +11,14 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from configs import voc_classmix_reco, voc_supervised
+from configs import common
+from configs import voc as voc_config
 from input_pipeline import datasets
 from input_pipeline import partial_labels
 from input_pipeline import prepare
 from input_pipeline import preprocess
 from input_pipeline import splits
 from input_pipeline.builders import voc
-from reco_jax import methods
 from reco_jax import train
 from test_builders import _fake_voc, _save_label
 
@@ -58,18 +57,24 @@ def fake_voc(tmp_path_factory) -> FakeVoc:
 
 
 def _input_config(fake: FakeVoc, **overrides):
-  """`configs/voc_supervised.py:smoke`'s input, unaugmented, with whole-image crops."""
-  cfg = voc_supervised.get_config("smoke").input
+  """`configs/voc.py:method=supervised,variant=smoke`'s input, unaugmented, whole-image crops."""
+  cfg = voc_config.get_config("method=supervised,variant=smoke").input
   cfg.data_dir, cfg.manual_dir = fake.data_dir, fake.manual_dir
-  cfg.crop_size, cfg.scale_range, cfg.shuffle_buffer = CROP, (1.0, 1.0), 16
+  cfg.crop_size, cfg.scale_range = CROP, (1.0, 1.0)
   cfg.flip_prob = cfg.color_jitter_prob = cfg.blur_prob = 0.0
+  # Every image once per epoch, so that a few batches show a subset's whole membership (the
+  # default i.i.d. draws need not cover it).
+  cfg.sampling = "permutation"
   cfg.update(overrides)
   return cfg
 
 
 def _batches(cfg, n, *, labeled=True, seed=0, workdir=None):
-  it = datasets.create_train_iterator(cfg, seed=seed, local_batch_size=4, process_index=0,
-                                      process_count=1, labeled=labeled, workdir=workdir)
+  stream = datasets.Stream(subset="labeled", augment=True) if labeled else datasets.Stream(
+      subset="unlabeled", augment=False)
+  it = datasets.create_train_iterator(cfg, stream_name="labeled" if labeled else "unlabeled",
+                                      stream=stream, seed=seed, local_batch_size=4, process_index=0,
+                                      process_count=1, workdir=workdir)
   return [next(it) for _ in range(n)]
 
 
@@ -173,8 +178,8 @@ def test_partial_labels_feed_both_streams_and_leave_eval_alone(fake_voc, tmp_pat
         np.testing.assert_array_equal(label, _device_label(sparse[image_id]))
         seen.add(image_id)
     assert len(seen) > 6, "the stream reads most of the training images"
-  eval_batches, _ = datasets.create_eval_iterator(cfg, split="val", local_batch_size=2,
-                                                  process_index=0, process_count=1)
+  eval_batches = datasets.create_eval_iterator(cfg, split="val", local_batch_size=2,
+                                               process_index=0, process_count=1)
   got = sorted(label[label != -1].tobytes() for label in next(eval_batches())["label"])
   want = sorted(fake_voc.labels[i][fake_voc.labels[i] != 255].astype(np.int32).tobytes()
                 for i in VAL_IDS)
@@ -191,7 +196,7 @@ def test_partial_labels_feed_both_streams_and_leave_eval_alone(fake_voc, tmp_pat
 
 
 def test_smoke_training_run_on_voc(fake_voc, tmp_path):
-  config = voc_supervised.get_config("smoke")
+  config = voc_config.get_config("method=supervised,variant=smoke")
   config.input.data_dir, config.input.manual_dir = fake_voc.data_dir, fake_voc.manual_dir
   config.input.num_labeled = 4
   # The smoke variant keeps VOC's 513x513 so that it runs on the real images; the fake ones
@@ -214,13 +219,14 @@ def test_partial_label_training_run_on_voc(fake_voc, tmp_path):
   """
   partial_labels.write_partial_labels(fake_voc.train_ids, fake_voc.labels.__getitem__,
                                       str(tmp_path / "partial"), seeds=[0])
-  config = voc_classmix_reco.get_config("smoke")
+  config = voc_config.get_config("method=classmix_reco,variant=smoke")
   config.input.data_dir, config.input.manual_dir = fake_voc.data_dir, fake_voc.manual_dir
   config.input.partial_labels_dir = partial_labels.partial_dir(str(tmp_path / "partial"), 25, 0)
   config.input.eval_size = (16, 16)
   config.num_train_steps = config.eval_every_steps = 2
-  assert not config.semi.partial_labels
-  assert train.step_config_from(config, 21).semi.partial_labels
+  assert not config.mean_teacher.partial_labels
+  _, method = train.build(config)
+  assert method.settings.partial_labels
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -232,8 +238,8 @@ def test_partial_label_training_run_on_voc(fake_voc, tmp_path):
     assert np.isfinite(r["unsup_loss"]) and r["unsup_loss"] > 0
   assert np.isfinite(results["miou"])
   config.input.partial_labels_dir = None
-  config.semi.partial_labels = True
-  with pytest.raises(ValueError, match=r"semi.partial_labels=True needs input.partial_labels_dir"):
+  config.mean_teacher.partial_labels = True
+  with pytest.raises(ValueError, match=r"mean_teacher.partial_labels=True needs input.partial_labels_dir"):
     train.train_and_evaluate(config, str(tmp_path / "no_dir"))
 
 
@@ -246,37 +252,42 @@ _PROTOCOLS = {
     "cityscapes": ("val", (512, 512), (1.0, 1.0), (512, 1024), 2, 4),
     "sun": ("test", (321, 321), (0.5, 1.5), (385, 513), 5, 10),
 }
-_METHODS = ("supervised", "supervised_reco", "cutout", "cutmix", "classmix", "classmix_reco")
+# The historical methods: the official train_sup.py / train_semisup.py runs.
+_PRESETS = ("supervised", "supervised_reco", "cutout", "cutmix", "classmix", "classmix_reco")
 
 
-def test_every_method_has_a_config_per_dataset():
-  files = {os.path.basename(p)[:-3]
-           for ds in _PROTOCOLS for p in glob.glob(str(REPO_ROOT / "configs" / f"{ds}_*.py"))}
-  assert files == {f"{ds}_{m}" for ds in _PROTOCOLS for m in _METHODS} | {
-      f"{ds}_base" for ds in _PROTOCOLS}
+def test_every_preset_is_offered_by_every_benchmark_config():
+  assert set(_PRESETS) <= set(common.METHOD_PRESETS)
+  for dataset in _PROTOCOLS:
+    assert (REPO_ROOT / "configs" / f"{dataset}.py").is_file()
 
 
 @pytest.mark.parametrize("dataset", sorted(_PROTOCOLS))
-@pytest.mark.parametrize("method", _METHODS)
-def test_configs_follow_the_protocol_and_lock(dataset, method):
-  module = importlib.import_module(f"configs.{dataset}_{method}")
+@pytest.mark.parametrize("preset", _PRESETS)
+def test_composed_configs_follow_the_protocol_and_lock(dataset, preset):
+  module = importlib.import_module(f"configs.{dataset}")
   eval_split, crop, scale, eval_size, semi, sup = _PROTOCOLS[dataset]
-  semi_method = methods.get_method(method).uses_teacher
-  config = module.get_config()
+  config = module.get_config(f"method={preset}")
   config.lock()
-  assert config.method == method and config.input.dataset == dataset
+  supervised = common.METHOD_PRESETS[preset]["method"] == "supervised"
+  assert config.method_preset == preset and config.input.dataset == dataset
+  assert config.method == ("supervised" if supervised else "mean_teacher")
+  assert config.aux_losses == (("reco",) if preset.endswith("_reco") else ())
   assert config.input.eval_split == eval_split and config.input.eval_size == eval_size
   assert config.input.crop_size == crop and config.input.scale_range == scale
-  assert (config.input.batch_size, config.input.unlabeled_batch_size) == (
-      (semi, semi) if semi_method else (sup, 0))
+  streams = config.input.streams
+  assert (streams.labeled.batch_size, streams.unlabeled.batch_size) == (
+      (sup, semi) if supervised else (semi, semi))
   assert config.num_train_steps == 40_000 and config.optim.schedule_unit == "iteration"
-  assert (config.model.backbone, config.model.output_stride) == ("resnet101", 16)
+  assert config.model.backbone == "resnet101"
+  assert config.model.output_stride in (None, 16)  # None: deeplabv3plus' default, 16
   assert config.input.num_labeled == 0 and config.input.partial_labels_dir is None
-  smoke = module.get_config("smoke")
+  smoke = module.get_config(f"method={preset},variant=smoke")
   smoke.lock()
   assert smoke.num_train_steps == 3 and smoke.model.backbone == "resnet_tiny"
   assert smoke.input.eval_size == eval_size  # the real images still fit
-  assert smoke.input.unlabeled_batch_size == (smoke.input.batch_size if semi_method else 0)
-  assert smoke.input.batch_size % 8 == 0 and smoke.input.eval_batch_size % 8 == 0
+  assert smoke.input.streams.labeled.batch_size == smoke.input.streams.unlabeled.batch_size
+  assert smoke.input.streams.labeled.batch_size % 8 == 0
+  assert smoke.input.eval_batch_size % 8 == 0
   with pytest.raises(ValueError, match="unknown config variant 'tiny'"):
-    module.get_config("tiny")
+    module.get_config(f"method={preset},variant=tiny")

@@ -1,7 +1,7 @@
 """The mean-teacher train step (issue 4) and the semi-supervised training runs.
 
 Step-level tests use a toy segmenter (one conv + BatchNorm + two 1x1 heads at stride 4)
-instead of DeepLabv3+: it has the same interface (`(logits, rep)`, `batch_stats`), so the
+instead of DeepLabv3+: it has the same interface (`{logits, rep, features}`, `batch_stats`), so the
 whole step (teacher pass, strong augmentation, two student passes, losses, EMA, donation)
 is exercised, and compiles in seconds. The real model runs in the resume test and in the
 CamVid run through main.py.
@@ -14,68 +14,54 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CAMVID_DIR, REPO_ROOT, restore_latest_state, with_overrides
-from configs import synthetic_base
+from conftest import CAMVID_DIR, REPO_ROOT, restore_latest_state, toy_segmenter, with_overrides
+from configs import synthetic
 from reco_jax import checkpointing, methods, parallel, resampling, train
 from reco_jax.losses import reco as reco_lib
 from reco_jax.losses import supervised, unsupervised
+from reco_jax.methods import mean_teacher
 
 NUM_CLASSES = 5
 CROP = (16, 16)
 
 
-class _ToySegmenter(nn.Module):
-  """`(logits f32[B,H/4,W/4,C], rep f32[B,H/4,W/4,8])`, with BatchNorm.
-
-  `logit_scale` makes the randomly initialised classifier confident, so that some teacher
-  confidences pass delta_w and delta_s and the unsupervised loss is not trivially 0.
-  """
-  num_classes: int
-  logit_scale: float = 4.0
-
-  @nn.compact
-  def __call__(self, x, train):
-    x = nn.avg_pool(x, (4, 4), strides=(4, 4))
-    x = nn.Conv(8, (3, 3))(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    x = nn.relu(x)
-    return self.logit_scale * nn.Conv(self.num_classes, (1, 1))(x), nn.Conv(8, (1, 1))(x)
-
-
 def _config(method="classmix_reco", **overrides):
-  config = synthetic_base.dataset_config(method, "smoke")
+  config = synthetic.get_config(f"method={method},variant=smoke")
   config.input.crop_size = CROP
   return with_overrides(config, overrides)
+
+
+def _method(config):
+  return methods.get_method(config, num_classes=NUM_CLASSES, model=toy_segmenter(NUM_CLASSES))
 
 
 def _batches(config, num_steps, seed=0):
   """Random labelled + unlabelled batches (the unlabelled labels are only read in partial mode)."""
   rng = np.random.RandomState(seed)
-  b, (h, w) = config.input.batch_size, config.input.crop_size
-  uses_teacher = methods.get_method(config.method).uses_teacher
+  h, w = config.input.crop_size
   out = []
   for _ in range(num_steps):
-    batch = {"labeled": {"image": rng.randn(b, h, w, 3).astype(np.float32),
-                         "label": rng.randint(-1, NUM_CLASSES, (b, h, w)).astype(np.int32)}}
-    if uses_teacher:
-      bu = config.input.unlabeled_batch_size
-      batch["unlabeled"] = {"image": rng.randn(bu, h, w, 3).astype(np.float32),
-                            "label": rng.randint(-1, NUM_CLASSES, (bu, h, w)).astype(np.int32)}
+    batch = {}
+    for name in _method(config).streams():
+      b = config.input.streams[name].batch_size
+      batch[name] = {"image": rng.randn(b, h, w, 3).astype(np.float32),
+                     "label": rng.randint(-1, NUM_CLASSES, (b, h, w)).astype(np.int32)}
     out.append(batch)
   return out
 
 
 def _host(state):
-  """Host copies of the variables (taken before the state is donated to the next step)."""
-  return {name: jax.tree.map(np.asarray, getattr(state, name))
-          for name in ("params", "batch_stats", "ema_params", "ema_batch_stats")
-          if getattr(state, name) is not None}
+  """Host copies of the variables (taken before the state is donated to the next step);
+  the teacher as `teacher_params` / `teacher_batch_stats`."""
+  out = {"params": state.params, "batch_stats": state.batch_stats}
+  if state.extra:
+    out.update(teacher_params=state.extra["params"], teacher_batch_stats=state.extra["batch_stats"])
+  return jax.tree.map(np.asarray, out)
 
 
 def _buffer_pointers(tree):
@@ -84,22 +70,23 @@ def _buffer_pointers(tree):
 
 
 def _shared_teacher_student_buffers(state):
-  return _buffer_pointers((state.params, state.batch_stats)) & _buffer_pointers(
-      (state.ema_params, state.ema_batch_stats))
+  return _buffer_pointers((state.params, state.batch_stats)) & _buffer_pointers(state.extra)
 
 
 def _run(config, mesh, batches):
   """Runs the step; returns host snapshots (state 0..n), metrics per step and buffer checks."""
-  state = train.create_state(config, _ToySegmenter(NUM_CLASSES), mesh)
-  step = train.make_train_step(mesh, train.step_config_from(config, NUM_CLASSES))
+  model = toy_segmenter(NUM_CLASSES)
+  method = methods.get_method(config, num_classes=NUM_CLASSES, model=model)
+  state = train.create_state(config, method, mesh)
+  step = train.make_train_step(mesh, method, config.seed)
   snapshots, metrics, shared = [_host(state)], [], []
-  if state.ema_params is not None:
+  if state.extra:
     shared.append(_shared_teacher_student_buffers(state))
   for batch in batches:
     state, m = step(state, parallel.to_global_batch(batch, mesh))
     metrics.append({k: float(v) for k, v in jax.device_get(m).items()})  # syncs every step
     snapshots.append(_host(state))
-    if state.ema_params is not None:
+    if state.extra:
       shared.append(_shared_teacher_student_buffers(state))
   return {"snapshots": snapshots, "metrics": metrics, "shared": shared, "batches": batches}
 
@@ -111,7 +98,7 @@ def _continuous_config():
   1: different fusion) into whole uint8 levels for the odd pixel, which then moves the
   losses by ~1e-4; test_augment covers the emulation itself.
   """
-  return _config(**{"semi.quantize": False})
+  return _config(**{"mean_teacher.quantize": False})
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +130,14 @@ def test_semi_step_on_8_devices_equals_1_device(semi_run, single_device_mesh):
   losses = [m["loss"] for m in semi_run["metrics"]]
   assert losses[0] != losses[1]
   for s8, s1 in zip(semi_run["snapshots"][1:], single["snapshots"][1:]):
-    assert s8.keys() == s1.keys() == {"params", "batch_stats", "ema_params", "ema_batch_stats"}
+    assert s8.keys() == s1.keys() == {"params", "batch_stats", "teacher_params", "teacher_batch_stats"}
     _assert_trees_close(s8, s1, rtol=1e-4, atol=1e-6)
 
 
 def test_semi_metrics_log_every_loss(semi_run):
   first, second = semi_run["metrics"]
   assert set(first) == {"loss", "sup_loss", "unsup_loss", "reco_loss", "reco_query_classes",
-                        "reco_unlabeled_valid_fraction", "pseudo_label_confident_fraction",
+                        "aux_unlabeled_valid_fraction", "pseudo_label_confident_fraction",
                         "ema_decay", "grad_norm"}
   for m in (first, second):
     assert all(np.isfinite(v) for v in m.values())
@@ -158,7 +145,7 @@ def test_semi_metrics_log_every_loss(semi_run):
     assert m["reco_loss"] > 0 and m["unsup_loss"] > 0
     assert 1 <= m["reco_query_classes"] <= NUM_CLASSES
     assert 0 < m["pseudo_label_confident_fraction"] < 1
-    assert 0 < m["reco_unlabeled_valid_fraction"] < 1
+    assert 0 < m["aux_unlabeled_valid_fraction"] < 1
   assert (first["ema_decay"], second["ema_decay"]) == (0.0, 0.5)
 
 
@@ -172,11 +159,11 @@ def test_teacher_never_aliases_the_student(semi_run):
 def test_teacher_is_the_ema_of_the_student_iterates(semi_run):
   s0, s1, s2 = semi_run["snapshots"]
   # Created as a copy; after the first update (decay 0) it equals the student exactly.
-  _assert_trees_equal(s0["ema_params"], s0["params"])
-  _assert_trees_equal(s1["ema_params"], s1["params"])
+  _assert_trees_equal(s0["teacher_params"], s0["params"])
+  _assert_trees_equal(s1["teacher_params"], s1["params"])
   # Decay 1/2 at the second update: the mean of the two student iterates, bit for bit.
   half = np.float32(0.5)
-  _assert_trees_equal(s2["ema_params"],
+  _assert_trees_equal(s2["teacher_params"],
                       jax.tree.map(lambda a, b: half * a + half * b, s1["params"], s2["params"]))
   assert not np.array_equal(s1["params"]["Conv_0"]["kernel"], s2["params"]["Conv_0"]["kernel"])
 
@@ -184,16 +171,16 @@ def test_teacher_is_the_ema_of_the_student_iterates(semi_run):
 def test_teacher_batch_stats_come_from_its_own_train_mode_pass(semi_run):
   # reco_spec §0.8: the train-mode teacher updates its running statistics from its own
   # forward pass on the raw unlabelled crops; they are not averaged from the student.
-  model = _ToySegmenter(NUM_CLASSES)
+  model = toy_segmenter(NUM_CLASSES)
   for t in (0, 1):
     before, after = semi_run["snapshots"][t], semi_run["snapshots"][t + 1]
     images = semi_run["batches"][t]["unlabeled"]["image"]
     _, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
-        {"params": before["ema_params"], "batch_stats": before["ema_batch_stats"]}, images)
-    _assert_trees_close(after["ema_batch_stats"], jax.device_get(updates["batch_stats"]),
+        {"params": before["teacher_params"], "batch_stats": before["teacher_batch_stats"]}, images)
+    _assert_trees_close(after["teacher_batch_stats"], jax.device_get(updates["batch_stats"]),
                         rtol=1e-5, atol=1e-6)
   s1 = semi_run["snapshots"][1]
-  assert not np.allclose(s1["ema_batch_stats"]["BatchNorm_0"]["mean"],
+  assert not np.allclose(s1["teacher_batch_stats"]["BatchNorm_0"]["mean"],
                          s1["batch_stats"]["BatchNorm_0"]["mean"])
 
 
@@ -201,60 +188,22 @@ def test_teacher_batch_stats_come_from_its_own_train_mode_pass(semi_run):
 # step as the official setting plus one EMA, so it runs in the slow set only.
 @pytest.mark.parametrize("teacher_train_mode", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_ema_batch_stats_alternative(single_device_mesh, teacher_train_mode):
-  config = _config(**{"semi.ema_batch_stats": True, "semi.teacher_train_mode": teacher_train_mode})
+  config = _config(**{"mean_teacher.ema_batch_stats": True,
+                      "mean_teacher.teacher_train_mode": teacher_train_mode})
   run = _run(config, single_device_mesh, _batches(config, 2))
   _, s1, s2 = run["snapshots"]
-  _assert_trees_equal(s1["ema_batch_stats"], s1["batch_stats"])
+  _assert_trees_equal(s1["teacher_batch_stats"], s1["batch_stats"])
   half = np.float32(0.5)
-  _assert_trees_equal(s2["ema_batch_stats"], jax.tree.map(lambda a, b: half * a + half * b,
+  _assert_trees_equal(s2["teacher_batch_stats"], jax.tree.map(lambda a, b: half * a + half * b,
                                                           s1["batch_stats"], s2["batch_stats"]))
   assert all(np.isfinite(v) for m in run["metrics"] for v in m.values())
 
 
 def test_eval_mode_teacher_needs_ema_batch_stats():
-  config = _config(**{"semi.teacher_train_mode": False})
-  with pytest.raises(ValueError, match=r"semi.teacher_train_mode=False needs semi.ema_batch_stats"):
-    train.step_config_from(config, NUM_CLASSES)
-
-
-_EXPECTED_METRICS = {"loss", "sup_loss", "grad_norm"}
-_RECO_METRICS = {"reco_loss", "reco_query_classes"}
-_TEACHER_METRICS = {"unsup_loss", "pseudo_label_confident_fraction", "ema_decay"}
-
-
-# ClassMix differs from CutMix only in its mask (test_augment), and the *_reco variants from
-# classmix_reco only in the mask: those compile (~6 s each) in the slow run only.
-_SLOW_METHODS = ("classmix", "cutout", "cutout_reco", "cutmix_reco")
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in _SLOW_METHODS else m
-                                    for m in sorted(methods.METHODS)])
-def test_every_method_step(single_device_mesh, method):
-  """One compile per method: the state keeps its structure, the method's losses are logged."""
-  config = _config(method)
-  run = _run(config, single_device_mesh, _batches(config, 1))
-  spec = methods.get_method(method)
-  expected = set(_EXPECTED_METRICS)
-  if spec.uses_reco:
-    expected |= _RECO_METRICS
-  if spec.uses_teacher:
-    expected |= _TEACHER_METRICS
-  if spec.uses_reco and spec.uses_teacher:
-    expected.add("reco_unlabeled_valid_fraction")
-  (metrics,) = run["metrics"]
-  assert set(metrics) == expected
-  assert all(np.isfinite(v) for v in metrics.values())
-  np.testing.assert_allclose(
-      metrics["loss"],
-      metrics["sup_loss"] + metrics.get("unsup_loss", 0.0) + metrics.get("reco_loss", 0.0), rtol=1e-6)
-  if spec.uses_reco:
-    assert metrics["reco_loss"] > 0
-  s0, s1 = run["snapshots"]
-  assert jax.tree.structure(s0) == jax.tree.structure(s1)
-  if spec.uses_teacher:
-    _assert_trees_equal(s1["ema_params"], s1["params"])
-  else:
-    assert s1.keys() == {"params", "batch_stats"}
+  config = _config(**{"mean_teacher.teacher_train_mode": False})
+  with pytest.raises(ValueError, match=r"mean_teacher.teacher_train_mode=False needs "
+                                       r"mean_teacher.ema_batch_stats"):
+    _method(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,13 +211,13 @@ def test_every_method_step(single_device_mesh, method):
 
 
 def _toy_state(config, mesh):
-  return train.create_state(config, _ToySegmenter(NUM_CLASSES), mesh)
+  method = _method(config)
+  return method, train.create_state(config, method, mesh)
 
 
 def test_semi_losses_follow_the_official_assembly(single_device_mesh):
   config = _config()
-  cfg = train.step_config_from(config, NUM_CLASSES)
-  state = _toy_state(config, single_device_mesh)
+  method, state = _toy_state(config, single_device_mesh)
   rng = np.random.RandomState(3)
   b, (h, w) = 8, CROP
   labeled = {"image": jnp.asarray(rng.randn(b, h, w, 3), jnp.float32),
@@ -284,17 +233,19 @@ def test_semi_losses_follow_the_official_assembly(single_device_mesh):
 
   @jax.jit
   def ours():
-    loss, (metrics, batch_stats) = train.semi_supervised_losses(
-        state.params, state, labeled, unlabeled, key, cfg)
-    return loss, metrics, batch_stats
+    # The loss after pseudo-labelling: the augmented batch above stands in for the teacher's.
+    method.pseudo_label = lambda teacher, batch, key: (unlabeled, teacher["batch_stats"])
+    loss, (metrics, aux) = method.loss(state.params, state, {"labeled": labeled, "unlabeled": unlabeled},
+                                       key)
+    return loss, metrics, aux["batch_stats"]
 
   @jax.jit
   def reference():
     student = functools.partial(state.apply_fn, train=True, mutable=["batch_stats"])
     # Two separate student passes: BN statistics per sub-batch, updated l then u.
-    (logits_l, rep_l), upd = student({"params": state.params, "batch_stats": state.batch_stats},
-                                     labeled["image"])
-    (logits_u, rep_u), upd = student({"params": state.params, **upd}, unlabeled["image"])
+    out_l, upd = student({"params": state.params, "batch_stats": state.batch_stats}, labeled["image"])
+    out_u, upd = student({"params": state.params, **upd}, unlabeled["image"])
+    (logits_l, rep_l), (logits_u, rep_u) = (out_l["logits"], out_l["rep"]), (out_u["logits"], out_u["rep"])
     sup = supervised.supervised_loss(logits_l, labeled["label"])
     unsup = unsupervised.unsupervised_loss(logits_u, unlabeled["label"], unlabeled["confidence"],
                                            0.97, empty_policy="zero")
@@ -305,7 +256,8 @@ def test_semi_losses_follow_the_official_assembly(single_device_mesh):
     labels_low = resampling.resize_nearest_torch(labels, size)
     mask_low = resampling.resize_nearest_torch(mask, size)
     probs = jax.nn.softmax(jnp.concatenate([logits_l, logits_u]), axis=-1)
-    reco = reco_lib.reco_loss(key, jnp.concatenate([rep_l, rep_u]), labels_low,
+    # The method draws ReCo's samples with the second half of the step key.
+    reco = reco_lib.reco_loss(jax.random.split(key)[1], jnp.concatenate([rep_l, rep_u]), labels_low,
                               mask_low & (labels_low >= 0), probs, strong_threshold=0.97,
                               temperature=0.5, num_queries=32, num_negatives=64)
     losses = {"sup_loss": sup, "unsup_loss": unsup, "reco_loss": reco}
@@ -322,19 +274,18 @@ def test_semi_losses_follow_the_official_assembly(single_device_mesh):
 
 def test_partial_labels_override_the_teacher(single_device_mesh):
   # Identity augmentation, so the override and the quantisation are visible directly.
-  config = _config(**{"semi.partial_labels": True, "input.scale_range": (1.0, 1.0),
-                      "input.color_jitter_prob": 0.0, "input.blur_prob": 0.0, "input.flip_prob": 0.0})
-  cfg = train.step_config_from(config, NUM_CLASSES)
-  cfg = dataclasses.replace(cfg, semi=dataclasses.replace(cfg.semi, mix_mode="none"))
-  state = _toy_state(config, single_device_mesh)
+  config = _config(**{"mean_teacher.partial_labels": True, "input.partial_labels_dir": "/unused",
+                      "input.scale_range": (1.0, 1.0), "input.color_jitter_prob": 0.0,
+                      "input.blur_prob": 0.0, "input.flip_prob": 0.0})
+  method, state = _toy_state(config, single_device_mesh)
+  method.settings = dataclasses.replace(method.settings, mix="none")
   rng = np.random.RandomState(4)
   sparse = np.where(rng.rand(8, *CROP) < 0.1, rng.randint(0, NUM_CLASSES, (8, *CROP)), -1).astype(np.int32)
   images = rng.randn(8, *CROP, 3).astype(np.float32)
-  out, _ = jax.jit(lambda: train.pseudo_label(state, {"image": images, "label": sparse},
-                                              jax.random.key(0), cfg))()
-  (logits, _), _ = state.apply_fn({"params": state.ema_params, "batch_stats": state.ema_batch_stats},
-                                  images, train=True, mutable=["batch_stats"])
-  probs = np.asarray(jax.nn.softmax(supervised.upsample_logits(logits, CROP), axis=-1))
+  out, _ = jax.jit(lambda: method.pseudo_label(state.extra, {"image": images, "label": sparse},
+                                               jax.random.key(0)))()
+  outputs, _ = state.apply_fn(state.extra, images, train=True, mutable=["batch_stats"])
+  probs = np.asarray(jax.nn.softmax(supervised.upsample_logits(outputs["logits"], CROP), axis=-1))
   teacher_label, teacher_conf = probs.argmax(-1), probs.max(-1)
   labelled = sparse >= 0
   np.testing.assert_array_equal(np.asarray(out["label"]), np.where(labelled, sparse, teacher_label))
@@ -347,11 +298,11 @@ def test_partial_labels_override_the_teacher(single_device_mesh):
   assert (below > -1e-6).all() and (below < 1 / 255 + 1e-6).all()
 
 
-def test_partial_labeled_reco_targets():
+def test_partial_labeled_aux_targets():
   rng = np.random.RandomState(5)
   logits = rng.randn(2, 4, 4, 3).astype(np.float32) * 4
   sparse = np.where(rng.rand(2, 13, 13) < 0.2, rng.randint(0, 3, (2, 13, 13)), -1).astype(np.int32)
-  labels, valid = train.partial_labeled_reco_targets(jnp.asarray(logits), jnp.asarray(sparse))
+  labels, valid = mean_teacher.partial_labeled_aux_targets(jnp.asarray(logits), jnp.asarray(sparse))
   probs = np.asarray(jax.nn.softmax(supervised.upsample_logits(jnp.asarray(logits), (13, 13)), axis=-1))
   labelled = sparse >= 0
   np.testing.assert_array_equal(labels, np.where(labelled, sparse, probs.argmax(-1)))
@@ -360,8 +311,9 @@ def test_partial_labeled_reco_targets():
 
 
 def test_mean_teacher_method_without_unlabelled_batch_is_rejected(tmp_path):
-  config = _config(**{"input.unlabeled_batch_size": 0})
-  with pytest.raises(ValueError, match=r"input.unlabeled_batch_size=0 must be positive .*classmix_reco"):
+  config = _config(**{"input.streams.unlabeled.batch_size": 0})
+  with pytest.raises(ValueError, match=r"input.streams.unlabeled.batch_size=0 must be a positive int "
+                                       r"\(method 'mean_teacher' reads stream 'unlabeled'\)"):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -384,7 +336,7 @@ def test_semi_supervised_run_resumes_exactly(tmp_path):
   checkpoint (later checkpoint and log lines removed): the files a run killed right after
   that checkpoint leaves. One training run fewer than killing a third run.
   """
-  config = synthetic_base.dataset_config("classmix_reco", "smoke")
+  config = synthetic.get_config("method=classmix_reco,variant=smoke")
   config.num_train_steps, config.checkpoint_every_steps, config.eval_every_steps = 4, 2, 4
   full = str(tmp_path / "full")
   results = train.train_and_evaluate(config, full)
@@ -418,7 +370,7 @@ def test_main_trains_camvid_supervised_reco_smoke(tmp_path):
   workdir = tmp_path / "run"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2")
-  cmd = [sys.executable, "main.py", "--config=configs/camvid_supervised_reco.py:smoke",
+  cmd = [sys.executable, "main.py", "--config=configs/camvid.py:method=supervised_reco,variant=smoke",
          f"--workdir={workdir}", f"--config.input.manual_dir={CAMVID_DIR}",
          f"--config.input.data_dir={tmp_path / 'tfds'}"]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -2,7 +2,8 @@
 
 manual_dir holds `<split>/` (RGB PNG) and `<split>annot/` (single-channel PNG with class
 indices, same file names) for each split present among train, val and test; every split
-present is prepared. Label 11 (Unlabelled) is void.
+present is prepared. Label 11 (Unlabelled) is void; any other raw value (e.g. 255) is an
+error naming the file, since CamVid has no other void value.
 """
 import pathlib
 
@@ -43,4 +44,8 @@ class Camvid(base.SegmentationBuilder):
     return splits
 
   def _map_label(self, raw: np.ndarray) -> np.ndarray:
+    bad = np.unique(raw[(raw < 0) | (raw > _RAW_VOID)])
+    if bad.size:
+      raise base.LabelValueError(
+          f"raw values {bad.tolist()[:10]} are not CamVid labels (0-10 classes, {_RAW_VOID} void)")
     return np.where(raw == _RAW_VOID, base.STORED_VOID, raw)

@@ -69,9 +69,13 @@ def to_train_ids(raw: np.ndarray) -> np.ndarray:
 def _numbered(folder: pathlib.Path, what: str) -> dict[int, pathlib.Path]:
   base.require_dir(folder, what)
   files = {}
-  for path in folder.iterdir():
+  for path in sorted(folder.iterdir()):
     if m := _NAME.match(path.name):
-      files[int(m.group(1))] = path
+      number = int(m.group(1))
+      if number in files:  # img-1.png and img-1.jpg, or img-1.jpg and img-000001.jpg
+        raise base.DataError(f"{what} folder {folder} has both {files[number].name} and "
+                             f"{path.name}: one image number {number}, two files; remove one")
+      files[number] = path
   if not files:
     raise FileNotFoundError(f"{what} folder {folder} has no img-<number>.jpg/png files")
   return files

@@ -25,11 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from reco_jax import resampling
+from reco_jax.constants import UINT8_MAX
 from reco_jax.losses import supervised
 
 _EMPTY_POLICIES = ("nan", "zero")
 # k / 255 in float32, correctly rounded, for every uint8 level k.
-_UINT8_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255)
+_UINT8_LEVELS = np.arange(UINT8_MAX + 1, dtype=np.float32) / np.float32(UINT8_MAX)
+
+
+def uint8_level_values(level: jax.Array) -> jax.Array:
+  """Integer-valued levels (any dtype), clipped to [0, 255] -> `f32` `level / 255`, as PyTorch.
+
+  A table lookup, not `level / 255`: XLA rewrites division by a constant into a
+  multiplication by its reciprocal, which is an ulp off the PyTorch value for half the levels.
+  Shared with `reco_jax.augment` (its uint8 round trips).
+  """
+  return jnp.asarray(_UINT8_LEVELS)[jnp.clip(level, 0, UINT8_MAX).astype(jnp.int32)]
 
 
 def quantize_confidence(prob: jax.Array) -> jax.Array:
@@ -39,10 +50,7 @@ def quantize_confidence(prob: jax.Array) -> jax.Array:
   i.e. truncation) and reads it back divided by 255 (reco_spec §0.9, §7). As a result
   `conf >= 0.97` holds iff `p >= 248/255`.
   """
-  level = jnp.clip(jnp.floor(prob.astype(jnp.float32) * 255.0), 0, 255).astype(jnp.int32)
-  # A table lookup, not `level / 255`: XLA rewrites division by a constant into a
-  # multiplication by its reciprocal, which is an ulp off the PyTorch value for half the levels.
-  return jnp.asarray(_UINT8_LEVELS)[level]
+  return uint8_level_values(jnp.floor(prob.astype(jnp.float32) * UINT8_MAX))
 
 
 def unsupervised_loss(logits: jax.Array, pseudo_labels: jax.Array, confidence: jax.Array,

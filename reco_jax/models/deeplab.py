@@ -1,10 +1,20 @@
 """DeepLabv3+ and DeepLabv2 segmentation heads and models (reco_spec §6).
 
-Both models map images f32[B,H,W,3] to (logits, rep), float32 in every compute dtype:
+Both models map images f32[B,H,W,3] to the dict
+
+  {"logits": f32[B,h,w,num_classes], "rep": f32[B,h,w,rep_dim],
+   "features": {"layer1", "layer2", "layer3", "layer4"[, "decoder"]}}
+
+`logits` and `rep` are float32 in every compute dtype; the features are in the compute dtype.
+`layer1..4` are the backbone's stages (strides in `resnet`'s docstring):
 * `DeepLabV3Plus`: ASPP on layer4 + a one-3x3 decoder on layer1; outputs at stride 4.
-* `DeepLabV2`: sum of four dilated 3x3 convs on layer4; outputs at the output stride.
+  `features["decoder"]` is the decoder map both heads read, `concat(project(layer1),
+  upsample(ASPP(layer4)))`, `[B,h,w,project_dim + head_dim]` at stride 4.
+* `DeepLabV2`: sum of four dilated 3x3 convs on layer4; outputs at the output stride
+  (no decoder).
 The heads are separate modules (`DeepLabV3PlusHead`, `DeepLabV2Head`) so that they can be
-applied alone to fixed backbone features (the `heads.npz` goldens).
+applied alone to fixed backbone features (the `heads.npz` goldens); they return
+`{"logits", "rep"}` (plus `"decoder"` for DeepLabv3+).
 """
 from collections.abc import Sequence
 
@@ -100,7 +110,7 @@ class DeepLabV3PlusHead(nn.Module):
 
   @nn.compact
   def __call__(self, x_low: jax.Array, x_high: jax.Array,
-               train: bool) -> tuple[jax.Array, jax.Array]:
+               train: bool) -> dict[str, jax.Array]:
     """Decoder and heads on fixed backbone features.
 
     Args:
@@ -109,17 +119,19 @@ class DeepLabV3PlusHead(nn.Module):
       train: batch statistics (and their running update) when True.
 
     Returns:
-      (logits f32[B,h,w,num_classes], rep f32[B,h,w,rep_dim]).
+      {"logits": f32[B,h,w,num_classes], "rep": f32[B,h,w,rep_dim],
+       "decoder": dtype[B,h,w,project_dim + head_dim]} (the map both heads read).
     """
     aspp = ASPP(self.head_dim, self.aspp_rates, dtype=self.dtype, name="ASPP")(x_high, train)
     low = ConvBNReLU(self.project_dim, 1, dtype=self.dtype, name="project")(x_low, train)
     aspp = resampling.resize_bilinear_align_corners(aspp, low.shape[1:3])
-    features = jnp.concatenate([low, aspp.astype(low.dtype)], axis=-1)
+    decoder = jnp.concatenate([low, aspp.astype(low.dtype)], axis=-1)
     logits = ConvHead(self.head_dim, self.num_classes, dtype=self.dtype,
-                      name="classifier")(features, train)
+                      name="classifier")(decoder, train)
     rep = ConvHead(self.head_dim, self.rep_dim, dtype=self.dtype,
-                   name="representation")(features, train)
-    return logits.astype(jnp.float32), rep.astype(jnp.float32)
+                   name="representation")(decoder, train)
+    return {"logits": logits.astype(jnp.float32), "rep": rep.astype(jnp.float32),
+            "decoder": decoder}
 
 
 class DilatedConvSum(nn.Module):
@@ -147,18 +159,21 @@ class DeepLabV2Head(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_high: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    """x_high [B,h,w,C4] -> (f32[B,h,w,classes], f32[B,h,w,rep_dim]). `train` is unused (no BN)."""
+  def __call__(self, x_high: jax.Array, train: bool) -> dict[str, jax.Array]:
+    """x_high [B,h,w,C4] -> {"logits": f32[B,h,w,classes], "rep": f32[B,h,w,rep_dim]}.
+
+    `train` is unused (no BN).
+    """
     del train
     logits = DilatedConvSum(self.num_classes, self.rates, dtype=self.dtype,
                             name="classifier")(x_high)
     rep = Conv2d(self.rep_dim, 1, use_bias=True, dtype=self.dtype,
                  name="representation")(x_high)
-    return logits.astype(jnp.float32), rep.astype(jnp.float32)
+    return {"logits": logits.astype(jnp.float32), "rep": rep.astype(jnp.float32)}
 
 
 class DeepLabV3Plus(nn.Module):
-  """Backbone + `DeepLabV3PlusHead`; (logits, rep) at stride 4, float32.
+  """Backbone + `DeepLabV3PlusHead`; logits and rep at stride 4, float32 (module docstring).
 
   Attributes:
     backbone: a `resnet.ResNet`; its `output_stride` picks the ASPP rates.
@@ -172,24 +187,30 @@ class DeepLabV3Plus(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    """f32[B,H,W,3] -> (f32[B,h,w,num_classes], f32[B,h,w,rep_dim]), h = layer1 height."""
-    x_low, x_high = self.backbone(images, train)
-    return DeepLabV3PlusHead(self.num_classes, self.rep_dim, self.head_dim, self.project_dim,
+  def __call__(self, images: jax.Array, train: bool) -> dict:
+    """f32[B,H,W,3] -> {"logits", "rep", "features"} (module docstring), h = layer1 height."""
+    features = self.backbone(images, train)
+    head = DeepLabV3PlusHead(self.num_classes, self.rep_dim, self.head_dim, self.project_dim,
                              ASPP_RATES[self.backbone.output_stride], dtype=self.dtype,
-                             name="head")(x_low, x_high, train)
+                             name="head")(features["layer1"], features["layer4"], train)
+    return {"logits": head["logits"], "rep": head["rep"],
+            "features": {**features, "decoder": head["decoder"]}}
 
 
 class DeepLabV2(nn.Module):
-  """Backbone + `DeepLabV2Head`; (logits, rep) at the backbone's output stride, float32."""
+  """Backbone + `DeepLabV2Head`; logits and rep at the backbone's output stride, float32.
+
+  The official DeepLabv2 always runs at output stride 8 (the registry's default for it).
+  """
   backbone: resnet.ResNet
   num_classes: int
   rep_dim: int = 256
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    """f32[B,H,W,3] -> (f32[B,h,w,num_classes], f32[B,h,w,rep_dim]), h = layer4 height."""
-    _, x_high = self.backbone(images, train)
-    return DeepLabV2Head(self.num_classes, self.rep_dim, dtype=self.dtype,
-                         name="head")(x_high, train)
+  def __call__(self, images: jax.Array, train: bool) -> dict:
+    """f32[B,H,W,3] -> {"logits", "rep", "features"} (module docstring), h = layer4 height."""
+    features = self.backbone(images, train)
+    head = DeepLabV2Head(self.num_classes, self.rep_dim, dtype=self.dtype,
+                         name="head")(features["layer4"], train)
+    return {"logits": head["logits"], "rep": head["rep"], "features": features}

@@ -7,6 +7,14 @@ official `DeepLabv3Plus._nostride_dilate` surgery (reco_spec §6.1, §6.2):
 Padding is explicit and symmetric as in PyTorch, so that spatial sizes follow PyTorch's
 floor arithmetic (321 -> layer1 81, layer4 21 at output stride 16; 513 -> 129).
 
+`ResNet` returns every stage's output, `{"layer1", "layer2", "layer3", "layer4"}`, at strides
+
+  output stride | layer1 | layer2 | layer3 | layer4
+  16            | 4      | 8      | 16     | 16
+  8             | 4      | 8      | 8      | 8
+
+(an undilated ResNet would give 4, 8, 16, 32; output stride 32 is not offered, as officially).
+
 Parameters are always float32; `dtype` is the compute dtype (float32 or bfloat16).
 """
 from collections.abc import Callable, Sequence
@@ -211,7 +219,7 @@ def _shortcut(x: jax.Array, block: BasicBlock | BottleneckBlock, train: bool) ->
 
 
 class ResNet(nn.Module):
-  """Dilated ResNet returning (layer1, layer4) features.
+  """Dilated ResNet returning the four stages' features (module docstring: strides).
 
   Attributes:
     stage_sizes: number of blocks in layer1..layer4.
@@ -227,8 +235,11 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    """f32[B,H,W,3] -> (dtype[B,H/4,W/4,C1], dtype[B,H/os,W/os,C4]) with PyTorch floor sizes."""
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    """f32[B,H,W,3] -> {"layer1".."layer4": dtype[B,h_i,w_i,C_i]}, PyTorch floor sizes.
+
+    layer1 is at stride 4 and layer4 at `output_stride`; C_i = width * 2**(i-1) * expansion.
+    """
     if self.output_stride not in _STAGE_DILATES:
       raise ValueError(f"ResNet output_stride={self.output_stride!r}; expected 8 or 16")
     x = Conv2d(self.width, 7, stride=2, padding=3, kernel_init=torchvision_resnet_kernel_init,
@@ -236,16 +247,15 @@ class ResNet(nn.Module):
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
     # flax pads max_pool with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    low = x
+    features = {}
     for i, (num_blocks, dilate) in enumerate(zip(self.stage_sizes,
                                                  _STAGE_DILATES[self.output_stride])):
       for j in range(num_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
         x = self.block_cls(planes=self.width * 2**i, stride=stride, dilate=dilate,
                            dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
-      if i == 0:
-        low = x
-    return low, x
+      features[f"layer{i + 1}"] = x
+    return features
 
 
 resnet_tiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block_cls=BottleneckBlock)

@@ -1,0 +1,56 @@
+"""Cityscapes (fine, 19 classes, ReCo's 1024x512) with the official benchmark protocol.
+
+Constants from build_data.py: BuildDataLoader and the training scripts (reco_spec §4, §7):
+train 2975 / val 500 images stored at 1024x512, eval on val at 512x1024 (whole images), crops
+512x512, no rescaling (scale range (1, 1)), 40k iterations, DeepLabv3+ on ResNet-101 with
+output stride 16.
+
+Argument: `method=<preset>` (configs/common.py: METHOD_PRESETS; default `classmix_reco`, the
+paper's method; official counterparts `train_sup.py [--apply_reco] --dataset cityscapes` and
+`train_semisup.py --apply_aug {cutout,cutmix,classmix} [--apply_reco] --dataset cityscapes`;
+the supervised ReCo run adds the --strong_threshold 0.97 that train_sup.py lacks) and
+`variant=smoke` (3 steps, tiny model, small crops; eval size kept: it runs on the real data).
+The README's fewest-label run, seed 0:
+
+  python main.py --config=configs/cityscapes.py:method=classmix_reco \
+      --config.input.num_labeled=20 --config.input.data_dir=TFDS --config.seed=0 --workdir=W
+
+Prepare once (layout in input_pipeline/builders/cityscapes.py; the extracted
+leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip):
+  python -m input_pipeline.prepare --dataset=cityscapes --manual_dir=DIR --data_dir=TFDS
+then pass `--config.input.data_dir=TFDS`.
+
+Labelled subset: `--config.input.num_labeled=20` (README: 20, 50, 150 ...) selects with the
+official class-balanced rule (threshold 12, `--config.input.min_classes` to lower it) and
+`--config.seed`. The official candidate order is `glob` order (file-system dependent); ids here
+are sorted, so selections match the official code only up to that order. Partial labels:
+`python -m input_pipeline.partial_labels --dataset=cityscapes ...`, then
+`--config.input.partial_labels_dir=OUT/p1_seed0` (it switches on the
+partial-label step).
+
+Devices: every global batch must divide the device count. The semi-supervised 2 + 2 runs on 1
+or 2 devices and the supervised 4 on 1, 2 or 4; elsewhere change
+`input.streams.labeled.batch_size` / `input.streams.unlabeled.batch_size`, which departs from
+the protocol.
+"""
+import ml_collections
+
+from configs import common
+
+DEFAULT_METHOD = "classmix_reco"
+PROTOCOL = common.Protocol(
+    dataset="cityscapes",
+    eval_split="val",
+    crop_size=(512, 512),
+    scale_range=(1.0, 1.0),
+    eval_size=(512, 1024),
+    semi_batch=2,  # labelled = unlabelled
+    supervised_batch=4,  # train_sup.py doubles the batch
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The Cityscapes protocol; `arg` = "method=<preset>,variant=<''|smoke>"."""
+  args = common.parse_arg(arg, method=DEFAULT_METHOD, variant="")
+  common.check_variant(args.variant, common.VARIANTS)
+  return common.protocol_config(PROTOCOL, args.method, args.variant)

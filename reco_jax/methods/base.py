@@ -1,0 +1,94 @@
+"""The `Method` interface, with the defaults most methods keep.
+
+A method bundles what makes it different from plain supervised training (scenic's
+`BaseModel` idea): the input streams it reads, the state it keeps besides the student
+(`TrainState.extra`), its loss, what it does after the optimiser update and which weights
+are evaluated. Everything else (the step, the loop, checkpoints, evaluation, the input
+pipeline) is generic and calls only these methods.
+
+Methods are plain Python objects holding static hyper-parameters: they are closed over by
+the jitted step, so nothing here may depend on traced values except through the arguments.
+"""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from input_pipeline import datasets
+
+PyTree = Any
+LABELED = "labeled"
+# The official labelled stream: the labelled subset with the full augmentation of build_data.py.
+LABELED_STREAM = datasets.Stream(subset="labeled", augment=True)
+
+
+class Method:
+  """Supervised training on the labelled stream; subclasses override what differs.
+
+  Attributes:
+    description: one line saying what the method is (shown by `main.py --list`).
+    model: the student, a flax module whose `apply(variables, images, train)` returns
+      {'logits', 'rep', 'features', ...}. A method that trains extra heads (a projector, say)
+      wraps the segmentation model it is given and passes the wrapper here: the trainer
+      initialises, trains, checkpoints and evaluates `model`.
+  """
+  description = "base method"
+
+  def __init__(self, model: nn.Module):
+    self.model = model
+
+  @property
+  def apply_fn(self) -> Callable:
+    return self.model.apply
+
+  def streams(self) -> dict[str, datasets.Stream]:
+    """The named input streams `loss` reads; their global batch sizes are the config fields
+    `input.streams.<name>.batch_size`."""
+    return {LABELED: LABELED_STREAM}
+
+  def init_extra(self, key: jax.Array, variables: PyTree) -> PyTree:
+    """The method's own state, stored in `TrainState.extra` (checkpointed, replicated).
+
+    Args:
+      key: PRNG key for anything the method initialises.
+      variables: the freshly initialised student {'params', 'batch_stats'}. Return *copies*
+        of its buffers, never the buffers themselves: the state is donated to the step.
+    """
+    del key, variables
+    return {}
+
+  def loss(self, params: PyTree, state, batch: dict, key: jax.Array
+           ) -> tuple[jax.Array, tuple[dict, dict]]:
+    """The differentiated objective.
+
+    Args:
+      params: the student parameters (the argument `value_and_grad` differentiates).
+      state: the `TrainState` before the update (student batch_stats, `extra`, `step`).
+      batch: {stream name: {'image': f32[B,H,W,3], 'label': i32[B,H,W]}}, sharded on `data`.
+      key: the step's PRNG key, `fold_in(key(seed), step)`.
+    Returns:
+      (loss f32[], (metrics {name: f32[]} including 'loss', aux)): aux must hold
+      'batch_stats', the student's new BatchNorm state, and may hold anything
+      `after_update` needs.
+    """
+    raise NotImplementedError
+
+  def after_update(self, state, aux: dict, key: jax.Array):
+    """The state after the optimiser step: `state.step`, params, batch_stats and opt_state
+    are already the new ones; update `state.extra` here (EMA teacher, banks, ...)."""
+    del aux, key
+    return state
+
+  def eval_variables(self, state) -> PyTree:
+    """{'params', 'batch_stats'} to evaluate (and keep as the best checkpoint). Must only
+    select from `state` (it is also applied to abstract states)."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+  # ---- helpers for subclasses --------------------------------------------------------------
+
+  def apply_train(self, params: PyTree, batch_stats: PyTree, images: jax.Array
+                  ) -> tuple[dict, PyTree]:
+    """Student forward in train mode -> (outputs {'logits', 'rep', 'features'}, new batch_stats)."""
+    outputs, updates = self.apply_fn({"params": params, "batch_stats": batch_stats}, images,
+                                     train=True, mutable=["batch_stats"])
+    return outputs, updates["batch_stats"]
