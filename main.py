@@ -25,6 +25,12 @@ flags.DEFINE_bool("jax_distributed", None,
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs off TPU).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs off TPU).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs off TPU).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume or evaluate a workdir with a config that differs from its checkpoint's in "
+                  "fields that change the model, method or data (normally a one-line error).")
+flags.DEFINE_bool("verbose_errors", None,
+                  "Print the traceback of the project's one-line errors (config, data, workdir, "
+                  "non-finite loss). Default: on when RECO_JAX_VERBOSE_ERRORS=1.")
 flags.DEFINE_bool("list", False, "Print the datasets, methods, method presets and config "
                   "variants, then exit (no --workdir needed).")
 flags.register_multi_flags_validator(["workdir", "list"], lambda f: bool(f["workdir"] or f["list"]),
@@ -67,11 +73,40 @@ def main(argv):
   console.line(console.header_line(FLAGS.mode, config.method_preset, config.input.dataset,
                                    config.num_train_steps, jax.device_count(),
                                    jax.devices()[0].platform, jax.process_count(), FLAGS.workdir))
-  if FLAGS.mode == "train":
-    results = train.train_and_evaluate(config, FLAGS.workdir)
-  else:
-    results = evaluate.evaluate_checkpoint(config, FLAGS.workdir)
+  try:
+    if FLAGS.mode == "train":
+      results = train.train_and_evaluate(config, FLAGS.workdir,
+                                         allow_config_change=FLAGS.allow_config_change)
+    else:
+      results = evaluate.evaluate_checkpoint(config, FLAGS.workdir,
+                                             allow_config_change=FLAGS.allow_config_change)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, _one_line_errors()):
+      raise
+    _exit_with_one_line(e)
   _print_summary(results, time.monotonic() - started)
+
+
+def _one_line_errors() -> tuple[type[BaseException], ...]:
+  from reco_jax import errors
+  # The project raises ValueError / FileNotFoundError (and its own types, which subclass
+  # them or RecoError) with one-line messages naming the file, key or value at fault.
+  return (errors.RecoError, ValueError, FileNotFoundError)
+
+
+def _exit_with_one_line(error: BaseException) -> None:
+  """Prints `error` as one line on stderr and exits 1 (143 after SIGTERM); the traceback
+  only with --verbose_errors or RECO_JAX_VERBOSE_ERRORS=1."""
+  import sys
+  import traceback
+  verbose = FLAGS.verbose_errors
+  if verbose is None:
+    verbose = os.environ.get("RECO_JAX_VERBOSE_ERRORS") == "1"
+  if verbose:
+    traceback.print_exception(error)
+  message = " ".join(str(error).split()) or type(error).__name__
+  console.error(f"error: {message}")  # on a line of its own, after any progress bar
+  sys.exit(getattr(error, "exit_code", 1))
 
 
 def _print_summary(results: dict, wall_seconds: float) -> None:

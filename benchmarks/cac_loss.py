@@ -68,7 +68,7 @@ def main():
   parser.add_argument("--cases", default="voc,voc_r50,cityscapes")
   parser.add_argument("--time", default="voc", help="cases to time (others: memory only)")
   parser.add_argument("--runs", type=int, default=3)
-  parser.add_argument("--chunk_size", type=int, default=2048)
+  parser.add_argument("--chunk_size", type=int, default=1024)
   parser.add_argument("--num_groups", type=int, default=2)
   args = parser.parse_args()
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), chunk_size {args.chunk_size}")

@@ -178,7 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
   # 'official': max-shift over the positive + first 8000 bank rows, eps after the shift
   # (with no surviving negative the loss is not 0); 'exact': -log_softmax.
   config.cac.numerics = "official"
-  config.cac.chunk_size = 2048  # bank rows per lax.scan step (memory ~ 2P x chunk_size)
+  config.cac.chunk_size = 1024  # bank rows per lax.scan step (temp memory ~ 5 B x 2P x chunk_size)
   config.cac.max_shift_rows = 8000  # the official first chunk
   # Groups of the per-GPU masked mean (the official GPU count: VOC 2, Cityscapes 4).
   config.cac.mean_groups = 1
@@ -296,6 +296,9 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     config.cac.proj_dim = 16
     config.cac.decoder_dim = 16
     config.cac.unsup_start_step = 0
+    # No confidence threshold (golden case B): an untrained model's confidences stay below
+    # the official 0.75, and the smoke run should exercise the unsupervised gradient.
+    config.cac.pos_threshold = 0.0
     config.cac.base_size = 32
     # Fewer ReCo draws: same code path, a smaller gather per class.
     config.reco.num_queries = 32

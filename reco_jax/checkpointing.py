@@ -58,3 +58,12 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: PyTree, step: 
   step = manager.latest_step() if step is None else step
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return restored.state
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The config dict saved with checkpoint `step` (None if it has none)."""
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  except (FileNotFoundError, KeyError, ValueError):
+    return None
+  return restored.config

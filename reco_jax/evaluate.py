@@ -94,15 +94,20 @@ def flat_eval_scalars(results: dict, class_names: tuple[str, ...]) -> dict:
   return scalars
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        allow_config_change: bool = False) -> dict:
   """Restores the latest state of `workdir` onto the devices present and evaluates the
   method's evaluation weights (`method.eval_variables`: the same weights training evaluates).
+
+  The config must be the one the checkpoint was trained with, up to harmless fields such as
+  the eval protocol (`workdir.check_config`; `allow_config_change` overrides).
 
   Writes `workdir/eval_<split>.json` and returns the scalar metrics.
   """
   # Imported here: the trainer imports this module for its evaluation hook.
   from input_pipeline import datasets
   from reco_jax import checkpointing, train
+  from reco_jax import workdir as workdir_lib
 
   mesh = parallel.create_mesh()
   info, method = train.build(config)
@@ -112,8 +117,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
       jax.eval_shape(lambda: train.create_state(config, method, mesh)),
       parallel.replicated(mesh))
   manager = checkpointing.create_resume_manager(workdir, max_to_keep=1, read_only=True)
-  if manager.latest_step() is None:
+  latest = manager.latest_step()
+  if latest is None:
     raise FileNotFoundError(f"no checkpoint found in {manager.directory}")
+  workdir_lib.check_config(config.to_dict(), checkpointing.restore_config(manager, latest),
+                           checkpoint_step=None, allow_changes=allow_config_change,
+                           what=f"workdir {workdir}")
   state = checkpointing.restore_state(manager, abstract_state)
   step = int(jax.device_get(state.step))
   variables = method.eval_variables(state)

@@ -13,6 +13,8 @@ evaluate. The step is `value_and_grad(method.loss)` -> optimiser update ->
 import functools
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +28,8 @@ from jax.experimental import multihost_utils
 
 from input_pipeline import datasets
 from reco_jax import checkpointing, console, evaluate, methods, models, optim, parallel, reporting
+from reco_jax import workdir as workdir_lib
+from reco_jax.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from reco_jax.train_state import TrainState
 
 PyTree = Any
@@ -116,32 +120,110 @@ def stream_batch_sizes(config: ml_collections.ConfigDict, method: methods.Method
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
-  """Process 0 prepares the dataset if needed; every process waits for it."""
+  """Process 0 prepares the dataset if needed; every process waits for it. Then checks that
+  `input.eval_size` holds the evaluation images (before anything compiles, not at the first
+  evaluation)."""
   datasets.prepare_for_run(
       config.input, process_index=jax.process_index(),
       barrier=lambda: multihost_utils.sync_global_devices("reco_jax: dataset prepared"))
+  split = config.input.eval_split
+  largest = datasets.max_image_size(config.input, split)
+  eval_size = tuple(int(x) for x in config.input.eval_size)
+  if largest is not None and (largest[0] > eval_size[0] or largest[1] > eval_size[1]):
+    raise ConfigError(f"config input.eval_size={eval_size} is smaller than the largest "
+                      f"{config.input.dataset} {split} image ({largest[0]}x{largest[1]}); set "
+                      f"--config.input.eval_size='({max(largest[0], eval_size[0])}, "
+                      f"{max(largest[1], eval_size[1])})'")
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+# Config fields that must be positive ints (checked before anything compiles: a zero fails
+# later with a ZeroDivisionError or a TF message that names no field).
+POSITIVE_FIELDS = ("num_train_steps", "log_every_steps", "eval_every_steps",
+                   "checkpoint_every_steps", "input.eval_batch_size")
+
+
+def check_loop_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ConfigError for a loop setting that is not a positive int."""
+  for name in POSITIVE_FIELDS:
+    value = functools.reduce(lambda node, key: node[key], name.split("."), config)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f"config {name}={value!r} must be a positive int")
 
 
 def _check_finite(metrics: dict, step: int, manager) -> None:
   loss = metrics["loss"]
   if not np.isfinite(loss):
+    # Name only a checkpoint that exists: a save of an earlier step may still be in flight.
+    manager.wait_until_finished()
     latest = manager.latest_step()
     where = (f"the last good checkpoint is step {latest} in {manager.directory}" if latest is not None
              else "no checkpoint had been written yet")
     raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; training stopped, {where}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates.
+
+  Nothing is lost: the workdir is locked for this run (a second run in it stops with one
+  line); a resumed run must have the workdir's config (`workdir.check_config`; harmless
+  fields may differ, `allow_config_change` overrides); whatever ends the run (an exception,
+  a non-finite loss, SIGTERM) first finishes the checkpoint being written, and SIGTERM saves
+  the current step before stopping (`TrainingInterrupted`).
 
   Returns:
     The last evaluation's scalar metrics (with 'best_miou').
   """
+  check_loop_fields(config)
   os.makedirs(workdir, exist_ok=True)
+  in_flight = []  # checkpoint managers whose background saves must finish before we leave
+  with workdir_lib.WorkdirLock(workdir, jax.process_index()), _StopOnSigterm() as stop:
+    try:
+      return _train_and_evaluate(config, workdir, allow_config_change, in_flight, stop)
+    finally:
+      for manager in in_flight:
+        manager.wait_until_finished()
+
+
+class _StopOnSigterm:
+  """Within the context, SIGTERM (schedulers, TPU maintenance) only sets `requested`; the
+  loop then saves the current step and stops. Outside the main thread it does nothing."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> "_StopOnSigterm":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    logging.warning("SIGTERM received: saving the current step, then stopping")
+    self.requested = True
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (every process must stop at the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+
+def _save_and_stop(manager, step: int, state: TrainState, config, saved: bool) -> None:
+  if not saved:
+    checkpointing.save_state(manager, step, state, config)
+  manager.wait_until_finished()
+  raise TrainingInterrupted(f"stopped by SIGTERM after step {step}; checkpoint {step} is saved "
+                            f"in {manager.directory}; the same command resumes from it")
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool,
+                        in_flight: list, stop: _StopOnSigterm) -> dict:
   mesh = parallel.create_mesh()
   info, method = build(config)
   batch_sizes = stream_batch_sizes(config, method, mesh)
@@ -150,13 +232,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = create_state(config, method, mesh)
   manager = checkpointing.create_resume_manager(workdir, config.max_checkpoints_to_keep)
-  if manager.latest_step() is not None:
+  in_flight.append(manager)
+  latest = manager.latest_step()
+  if latest is not None:
+    # Before the restore: a changed model would otherwise fail in orbax with a shape error,
+    # or (shape-compatible changes) silently continue another model.
+    workdir_lib.check_config(config.to_dict(), checkpointing.restore_config(manager, latest),
+                             checkpoint_step=latest, allow_changes=allow_config_change,
+                             what=f"workdir {workdir}")
     abstract = checkpointing.abstract_like(state, parallel.replicated(mesh))
     state = checkpointing.restore_state(manager, abstract)
     logging.info("Resumed from step %d of %s", int(state.step), manager.directory)
   start_step = int(jax.device_get(state.step))
   best_manager = checkpointing.create_best_manager(workdir) if config.keep_best_checkpoint else None
+  if best_manager is not None:
+    in_flight.append(best_manager)
 
+  if jax.process_index() == 0:
+    dropped = workdir_lib.truncate_metrics(workdir, start_step)
+    if dropped:
+      logging.info("Removed %d metrics.jsonl lines after step %d (they are replayed)", dropped, start_step)
   logger = reporting.MetricsLogger(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -226,9 +321,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logger.write_images(step, _visualisation(samples, info.palette))
       logging.info("step %d: eval mIoU %.4f (best %.4f)", step, last_eval["miou"], best_miou)
       progress.evaluation(step, last_eval["miou"], best_miou, last_eval["pixel_accuracy"])
-    if step % config.checkpoint_every_steps == 0 or step == num_steps:
+    saved = step % config.checkpoint_every_steps == 0 or step == num_steps
+    if saved:
       with report.timed("checkpoint"):
         checkpointing.save_state(manager, step, state, config)
+    if stop.agreed() and step < num_steps:
+      progress.close()
+      _save_and_stop(manager, step, state, config, saved)
   progress.close()
   manager.wait_until_finished()
   if best_manager is not None:

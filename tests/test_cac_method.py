@@ -120,6 +120,7 @@ def test_cac_method_contract(mesh, single_device_mesh, tmp_path, monkeypatch):
       assert all(np.isfinite(v) for v in m.values())
       np.testing.assert_allclose(m["loss"], m["sup_loss"] + m["unsup_loss"], rtol=1e-6)
       np.testing.assert_allclose(m["unsup_loss"], 0.1 * (m["cac_loss1"] + m["cac_loss2"]), rtol=1e-5)
+      assert m["unsup_loss"] > 0 and m["cac_selected_fraction"] > 0  # the CAC term trains
   monkeypatch.setattr(test_methods, "_check_logged_losses", check)
   # The contract evaluates with the segmentation model's `apply`; a wrapping method's weights
   # need the wrapper's (`method.apply_fn`): capture the method and evaluate with it.

@@ -145,6 +145,7 @@ def test_two_process_distributed_run(tmp_path):
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
+  assert "8 cpu devices in 2 processes" in outputs[0][0]  # the console's header (process 0)
   assert "8 global devices" in outputs[0][1] and "process 1 / 2" in outputs[1][1]
   records = _records(workdir)  # written by process 0 only
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]

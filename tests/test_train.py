@@ -101,6 +101,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatc
   with pytest.raises(_Killed):
     train.train_and_evaluate(config, interrupted)
   monkeypatch.setattr(checkpointing, "save_state", real_save)
+  # And a kill -9 during the next checkpoint write: what orbax leaves is a temporary folder
+  # (renamed only when complete), which the resume must ignore.
+  partial = os.path.join(interrupted, checkpointing.RESUME_DIR, "4.orbax-checkpoint-tmp-1795950000")
+  os.makedirs(os.path.join(partial, "state"))
+  with open(os.path.join(partial, "state", "half_written"), "wb") as f:
+    f.write(b"\0" * 100)
   train.train_and_evaluate(config, interrupted)  # resumes at step 2
 
   full_losses, resumed_losses = _train_losses(full), _train_losses(interrupted)
