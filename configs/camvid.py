@@ -67,6 +67,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
     config.log_every_steps = 100
+    if config.method == "cac":
+      # CAC needs square crops (a multiple of 8); 128x128 pairs with the long side drawn in
+      # [192, 480] (base 240). The schedule keeps CAC's shape: no unsupervised term for the
+      # first 5/80 of the steps. From scratch, the backbone learns at the full rate (CAC's
+      # lr/10 assumes an ImageNet backbone). Smaller heads, as the other cpu rows.
+      config.input.crop_size = (128, 128)
+      config.cac.base_size = 240
+      config.cac.unsup_start_step = config.num_train_steps * 5 // 80
+      config.cac.proj_hidden = 64
+      config.cac.decoder_dim = 64
+      config.optim.backbone_lr_mult = 1.0
   elif args.variant:
     config.input.eval_batch_size = BATCH  # whole 360x480 images, as the full config
   else:

@@ -82,20 +82,6 @@ def test_every_dataset_preset_and_variant_loads_locked(dataset, preset, variant)
     assert config.input.eval_batch_size % 8 == 0
 
 
-def test_presets_are_the_contracts_table():
-  assert common.METHOD_PRESETS == {
-      "supervised": {"method": "supervised", "mix": None, "aux_losses": ()},
-      "supervised_reco": {"method": "supervised", "mix": None, "aux_losses": ("reco",)},
-      "cutout": {"method": "mean_teacher", "mix": "cutout", "aux_losses": ()},
-      "cutmix": {"method": "mean_teacher", "mix": "cutmix", "aux_losses": ()},
-      "classmix": {"method": "mean_teacher", "mix": "classmix", "aux_losses": ()},
-      "cutout_reco": {"method": "mean_teacher", "mix": "cutout", "aux_losses": ("reco",)},
-      "cutmix_reco": {"method": "mean_teacher", "mix": "cutmix", "aux_losses": ("reco",)},
-      "classmix_reco": {"method": "mean_teacher", "mix": "classmix", "aux_losses": ("reco",)},
-      "cac": {"method": "cac", "mix": None, "aux_losses": ()},
-  }
-
-
 @pytest.mark.parametrize("dataset", sorted(PROTOCOLS))
 @pytest.mark.parametrize("preset", PRESETS)
 def test_protocol_values_and_the_supervised_batch_doubling(dataset, preset):

@@ -97,7 +97,7 @@ def test_plugin_trainer_reproduces_the_pre_refactor_step_bit_for_bit(case, singl
 # ------------------------------------------------------------------------------------------
 
 CONTRACT_PRESETS = [
-    "supervised", "supervised_reco", "classmix", "classmix_reco",
+    "supervised", "supervised_reco", "classmix", "classmix_reco", "cac",
     pytest.param("cutout", marks=pytest.mark.slow), pytest.param("cutmix", marks=pytest.mark.slow),
     pytest.param("cutout_reco", marks=pytest.mark.slow),
     pytest.param("cutmix_reco", marks=pytest.mark.slow),
@@ -123,13 +123,20 @@ def test_every_method_module_is_covered_by_a_preset():
   assert set(methods.known_methods()) == {p["method"] for p in common.METHOD_PRESETS.values()}
 
 
+# The metrics each method module logs besides `loss`, `sup_loss` and `grad_norm`.
+_METHOD_METRICS = {
+    "supervised": set(),
+    "mean_teacher": {"unsup_loss", "pseudo_label_confident_fraction", "ema_decay"},
+    "cac": {"unsup_loss", "cac_loss1", "cac_loss2", "cac_selected_fraction"},
+}
+
+
 def _check_logged_losses(config, metrics: list[dict]) -> None:
   """Every loss of the method is logged, and `loss` is their sum."""
-  teacher, reco = config.method == "mean_teacher", "reco" in config.aux_losses
-  expected = {"loss", "sup_loss", "grad_norm"}
+  reco = "reco" in config.aux_losses
+  expected = {"loss", "sup_loss", "grad_norm"} | _METHOD_METRICS[config.method]
   expected |= {"reco_loss", "reco_query_classes"} if reco else set()
-  expected |= {"unsup_loss", "pseudo_label_confident_fraction", "ema_decay"} if teacher else set()
-  expected |= {"aux_unlabeled_valid_fraction"} if teacher and reco else set()
+  expected |= {"aux_unlabeled_valid_fraction"} if reco and "unsup_loss" in expected else set()
   for m in metrics:
     assert set(m) == expected
     assert all(np.isfinite(v) for v in m.values())
@@ -137,6 +144,9 @@ def _check_logged_losses(config, metrics: list[dict]) -> None:
                                rtol=1e-6)
     if reco:
       assert m["reco_loss"] > 0
+    if config.method == "cac":  # both directions summed, weight 0.1; the smoke γ=0 selects pixels
+      np.testing.assert_allclose(m["unsup_loss"], 0.1 * (m["cac_loss1"] + m["cac_loss2"]), rtol=1e-5)
+      assert m["unsup_loss"] > 0 and m["cac_selected_fraction"] > 0
 
 
 @pytest.mark.parametrize("preset", CONTRACT_PRESETS)
@@ -187,7 +197,8 @@ def test_method_contract(preset, mesh, single_device_mesh, tmp_path):
   eval_batch = {"image": rng.randn(8, 16, 16, 3).astype(np.float32),
                 "label": rng.randint(-1, NUM_CLASSES, (8, 16, 16)).astype(np.int32),
                 "mask": np.ones(8, bool)}
-  results, _ = evaluate.run_evaluation(evaluate.make_eval_step(mesh, model.apply, NUM_CLASSES),
+  # `method.apply_fn`: the student, which a method with its own heads wraps around `model`.
+  results, _ = evaluate.run_evaluation(evaluate.make_eval_step(mesh, method.apply_fn, NUM_CLASSES),
                                        variables, iter([eval_batch]), mesh, NUM_CLASSES)
   assert 0.0 <= results["miou"] <= 1.0
 

@@ -21,7 +21,6 @@ Official: `dvlab-research/Context-Aware-Consistency`, `models/model.py: CAC.forw
 * Masked mean per group of samples (the official per-GPU mean, then DDP's gradient average):
   `L_v = mean_g Σ_{i∈g} d_i ℓ_i / (Σ_{i∈g} d_i + 1e-12)`.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +118,7 @@ def _denominator_terms(anchors: jax.Array, anchor_labels: jax.Array, pos: jax.Ar
 
 def contrastive_terms(anchors: jax.Array, targets: jax.Array, anchor_labels: jax.Array,
                       bank_feats: jax.Array, bank_labels: jax.Array, bank_valid: jax.Array, *,
-                      temperature: float, numerics: str = "official", chunk_size: int = 2048,
+                      temperature: float, numerics: str = "official", chunk_size: int = 1024,
                       max_shift_rows: int = OFFICIAL_CHUNK_ROWS) -> jax.Array:
   """Per-anchor ℓ_i = -log p_i against the bank (targets and bank get no gradient).
 
@@ -163,7 +162,7 @@ def cac_loss(feat1: jax.Array, feat2: jax.Array, conf1: jax.Array, conf2: jax.Ar
              plabel1: jax.Array, plabel2: jax.Array, ul1: jax.Array, br1: jax.Array,
              ul2: jax.Array, flip: jax.Array, bank_feats: jax.Array, bank_labels: jax.Array,
              bank_valid: jax.Array, *, temperature: float = 0.1, pos_threshold: float = 0.75,
-             numerics: str = "official", chunk_size: int = 2048,
+             numerics: str = "official", chunk_size: int = 1024,
              max_shift_rows: int = OFFICIAL_CHUNK_ROWS, num_groups: int = 1
              ) -> tuple[jax.Array, jax.Array, dict]:
   """Both directions of the directional contrastive loss (unweighted).
