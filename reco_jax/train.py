@@ -257,7 +257,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     if start_step == 0:
-      logger.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+      logger.write_hparams({k: v for k, v in workdir_lib.flatten(config.to_dict()).items()
                             if isinstance(v, (int, float, str, bool))})
     # The table goes to a file (and the log at --verbosity=0), one line to the console.
     table, num_params, table_path = reporting.write_parameter_overview(workdir, state.params)
@@ -355,13 +355,3 @@ def _visualisation(samples: dict, palette: np.ndarray) -> dict:
                          reporting.colorize(samples["label"], palette),
                          reporting.colorize(samples["prediction"], palette)], axis=2)
   return {"eval/predictions": rows}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
