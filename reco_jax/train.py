@@ -17,7 +17,6 @@ import signal
 import threading
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
