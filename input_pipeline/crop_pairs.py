@@ -63,7 +63,7 @@ def pair_geometry(rng: random.Random, orig_hw: tuple[int, int], *, base_size: in
     variant: "voc" rejects a negative overlap, "city" a non-positive one.
   """
   if variant not in VARIANTS:
-    raise ValueError(f"config cac.pair_variant={variant!r} is invalid; expected one of {', '.join(VARIANTS)}")
+    raise ValueError(f"pair variant {variant!r} is invalid; expected one of {', '.join(VARIANTS)}")
   longside = rng.randint(int(scale_range[0] * base_size), int(scale_range[1] * base_size))
   h, w = resized_size(orig_hw, longside)
   pad_h, pad_w = max(0, crop - h), max(0, crop - w)
@@ -134,7 +134,8 @@ def crop_pair(image: np.ndarray, label: np.ndarray, g: PairGeometry, crop: int,
 
 @dataclasses.dataclass(frozen=True)
 class PairSettings:
-  """Static settings of the pair transform (config.cac; §1.2, §1.7).
+  """Static settings of the pair transform (other_methods_spec §1.2, §1.7; the method that
+  reads the pair stream builds them from its config).
 
   crop: square crop side (= input.crop_size); base_size, scale_range: the long side is drawn in
   [int(lo*base), int(hi*base)]; iou_bound, stride, variant: `pair_geometry`'s; jitter_prob,

@@ -106,5 +106,7 @@ def test_backbone_lr_mult_scales_only_the_backbone_updates():
 def test_bad_cac_settings_are_named():
   with pytest.raises(ValueError, match=r"config input.crop_size=\(20, 20\) must be square and a multiple of 8"):
     _cac(**{"input.crop_size": (20, 20)})
+  with pytest.raises(ValueError, match=r"config cac.pair_variant='voc2' is invalid"):
+    _cac(**{"cac.pair_variant": "voc2"})
   with pytest.raises(ValueError, match=r"config cac.mean_groups=3 must divide"):
     _cac(**{"cac.mean_groups": 3})

@@ -57,7 +57,7 @@ def test_both_crops_hold_the_same_pixels_in_the_overlap_box():
 
 
 def test_unknown_variant_is_named():
-  with pytest.raises(ValueError, match=r"config cac.pair_variant='voc2' is invalid"):
+  with pytest.raises(ValueError, match=r"pair variant 'voc2' is invalid"):
     crop_pairs.pair_geometry(random.Random(0), (10, 10), base_size=8, crop=8, variant="voc2")
 
 

@@ -137,6 +137,9 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
   if c.numerics not in cac_lib.NUMERICS:
     raise ValueError(f"config cac.numerics={c.numerics!r} is invalid; expected one of "
                      f"{', '.join(cac_lib.NUMERICS)}")
+  if c.pair_variant not in crop_pairs.VARIANTS:
+    raise ValueError(f"config cac.pair_variant={c.pair_variant!r} is invalid; expected one of "
+                     f"{', '.join(crop_pairs.VARIANTS)}")
   if int(c.step_save) < 0:
     raise ValueError(f"config cac.step_save={c.step_save} must be >= 0")
   batch = int(config.input.streams[UNLABELED_PAIR].batch_size)
