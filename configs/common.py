@@ -357,6 +357,14 @@ def apply_cac_protocol(config: ml_collections.ConfigDict, dataset: str) -> None:
   config.input.eval_batch_size = 8
 
 
+def protocol_get_config(protocol: Protocol, arg: str | None,
+                        default_method: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a benchmark dataset file: "method=<preset>,variant=<''|smoke>"."""
+  args = parse_arg(arg, method=default_method, variant="")
+  check_variant(args.variant, VARIANTS)
+  return protocol_config(protocol, args.method, args.variant)
+
+
 def protocol_config(protocol: Protocol, method: str,
                     variant: str = "") -> ml_collections.ConfigDict:
   """The official ReCo training protocol on `protocol`'s dataset, preset `method`, `variant`.

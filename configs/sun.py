@@ -49,6 +49,4 @@ PROTOCOL = common.Protocol(
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The SUN RGB-D protocol; `arg` = "method=<preset>,variant=<''|smoke>"."""
-  args = common.parse_arg(arg, method=DEFAULT_METHOD, variant="")
-  common.check_variant(args.variant, common.VARIANTS)
-  return common.protocol_config(PROTOCOL, args.method, args.variant)
+  return common.protocol_get_config(PROTOCOL, arg, DEFAULT_METHOD)
