@@ -15,6 +15,13 @@ is a mask), so its cost does not depend on the drawn geometry. Each row: the com
 program's temporary memory (`jax.jit(...).lower(...).compile().memory_analysis()`) for the
 given `--chunk_size`, and, for the cases in `--time`, the median wall time of `--runs` calls
 after one warm-up.
+
+`--with_train_step` also times, for each timed case, the supervised DeepLabv3+ step
+(`benchmarks.reco_loss.train_step_seconds`: forward, CE, backward on `--train_backbone`) on the
+images one CAC step pushes through the network: the labelled batch plus both views of every
+pair (8 + 2x8 crops of 320² at VOC size), and prints the loss time as a fraction of it. The CAC
+step's own extras (the projector, the dropout classifier, the bank write) are small next to
+the backbone, so this is the step the loss is added to.
 """
 import argparse
 import statistics
@@ -26,6 +33,7 @@ import numpy as np
 
 from reco_jax.losses import cac
 
+CROPS = {"voc": 320, "voc_r50": 320, "cityscapes": 720}  # crop side of each case (§1.7)
 CASES = {  # name: (batch, feature side, step_save)
     "voc": (8, 40, 2),
     "voc_r50": (8, 40, 1),
@@ -70,7 +78,11 @@ def main():
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--chunk_size", type=int, default=1024)
   parser.add_argument("--num_groups", type=int, default=2)
+  parser.add_argument("--with_train_step", action="store_true")
+  parser.add_argument("--train_backbone", default="resnet101")
+  parser.add_argument("--train_runs", type=int, default=1)
   args = parser.parse_args()
+  loss_seconds = {}
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), chunk_size {args.chunk_size}")
   for name in args.cases.split(","):
     batch, side, step_save = CASES[name]
@@ -91,7 +103,18 @@ def main():
         jax.block_until_ready(compiled(feat1, feat2, x))
         times.append(time.perf_counter() - start)
       line += f"; fwd+bwd median {statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f}, {args.runs} runs)"
+      loss_seconds[name] = statistics.median(times)
     print(line, flush=True)
+  if args.with_train_step:
+    from benchmarks import reco_loss  # pylint: disable=import-outside-toplevel
+    for name, seconds in loss_seconds.items():
+      batch, crop = CASES[name][0], CROPS[name]
+      images = 3 * batch  # labelled batch + both views of every pair
+      step, temp_bytes = reco_loss.train_step_seconds(images, crop, CLASSES, args.train_backbone,
+                                                     args.train_runs, warmup=0)
+      print(f"{name}: {args.train_backbone} DeepLabv3+ step at {images}x{crop}^2 {step:.1f} s "
+            f"(temp {temp_bytes / 2**30:.1f} GiB); CAC loss fwd+bwd {seconds:.1f} s = "
+            f"{100 * seconds / step:.1f}% of it", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Label efficiency on CamVid: Supervised vs ClassMix vs ReCo + ClassMix with few labels.
+"""Label efficiency on CamVid: every method preset of the table with few labels.
 
 Trains each method with `main.py` on the same labelled subset (`--num_labeled` of the 367
 training images, chosen class-balanced by `input_pipeline/splits.py`; the other images form
@@ -23,7 +23,7 @@ import sys
 import time
 
 REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
-METHODS = ("supervised", "classmix", "classmix_reco")  # presets of configs/common.py
+METHODS = ("supervised", "classmix", "classmix_reco", "cac")  # presets of configs/common.py
 
 
 def run_command(method: str, workdir: str, num_labeled: int, seed: int,

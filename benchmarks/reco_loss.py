@@ -136,7 +136,7 @@ CROP_SIZES = {"voc": 321, "voc_19": 321, "cityscapes": 512, "official_9": 321, "
 
 
 def train_step_seconds(batch: int, crop: int, num_classes: int, backbone: str,
-                       runs: int) -> tuple[float, int]:
+                       runs: int, warmup: int = 1) -> tuple[float, int]:
   """Median wall time of a supervised DeepLabv3+ step (forward, CE, backward, no update).
 
   The reference for "ReCo cost relative to the train step": the ReCo loss adds its own
@@ -167,7 +167,7 @@ def train_step_seconds(batch: int, crop: int, num_classes: int, backbone: str,
   temp_bytes = step.memory_analysis().temp_size_in_bytes
   print(f"  {backbone} step at {batch}x{crop}^2 compiled, temporary memory "
         f"{temp_bytes / 2**30:.1f} GiB", flush=True)
-  return statistics.median(_time_calls(step, lambda i: args, runs, warmup=1)), temp_bytes
+  return statistics.median(_time_calls(step, lambda i: args, runs, warmup=warmup)), temp_bytes
 
 
 def _ms(seconds: float) -> str:

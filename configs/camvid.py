@@ -44,6 +44,11 @@ PROTOCOL = common.Protocol(
     eval_size=IMAGE_SIZE,
     semi_batch=BATCH,
     supervised_batch=BATCH,  # not doubled: fits 8 devices
+    method_settings={
+        # Not an official S4GAN dataset: VOC's values; DeepLabv3+ as the other CamVid rows.
+        "s4gan": {"s4gan.threshold_st": 0.6, "s4gan.lr_d": 1e-4},
+        # PC²Seg: base_config's values (8 x 90x120 stride-4 pixels per step; cpu: below).
+    },
 )
 
 
@@ -78,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.cac.proj_hidden = 64
       config.cac.decoder_dim = 64
       config.optim.backbone_lr_mult = 1.0
+    if config.method == "pc2seg":
+      # A smaller projection, as the other cpu rows' heads (rep_dim 64); anchors, pool and
+      # negatives as the full recipe (8 x 32x40 stride-4 pixels per step).
+      config.pc2seg.proj_dim = 32
   elif args.variant:
     config.input.eval_batch_size = BATCH  # whole 360x480 images, as the full config
   else:

@@ -46,6 +46,16 @@ PROTOCOL = common.Protocol(
     eval_size=(512, 1024),
     semi_batch=2,  # labelled = unlabelled
     supervised_batch=4,  # train_sup.py doubles the batch
+    method_settings={
+        # ReCo's S4GAN row (Table 5) is DeepLabv2; the README's Cityscapes command of
+        # train_s4GAN.py (--threshold-st 0.7, --learning-rate-D 1e-5). The official (16, 32) pool
+        # fits 256x512 crops only: ReCo's 512x512 crops need s4gan.pool='global' (the default).
+        "s4gan": {"model.name": "deeplabv2", "s4gan.threshold_st": 0.7, "s4gan.lr_d": 1e-5,
+                  "s4gan.pool_size": (16, 32)},
+        # PC²Seg (our choice): 2 images of 128x128 stride-4 pixels; 1280 anchors each keeps
+        # VOC's 2560 anchors per step (VOC: 10 x 256).
+        "pc2seg": {"pc2seg.anchors_per_image": 1280},
+    },
 )
 
 

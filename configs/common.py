@@ -36,6 +36,10 @@ METHOD_PRESETS = {
     "classmix_reco": {"method": "mean_teacher", "mix": "classmix", "aux_losses": ("reco",)},
     # Context-Aware-Consistency train.py (Lai et al., CVPR 2021); settings in config.cac.
     "cac": {"method": "cac", "mix": None, "aux_losses": ()},
+    # semisup-semseg train_s4GAN.py (Mittal et al., TPAMI 2019); settings in config.s4gan.
+    "s4gan": {"method": "s4gan", "mix": None, "aux_losses": ()},
+    # PC²Seg (Zhong et al., ICCV 2021; no public code); settings in config.pc2seg.
+    "pc2seg": {"method": "pc2seg", "mix": None, "aux_losses": ()},
 }
 
 VARIANTS = ("smoke",)  # the variants every config file offers (apply_variant)
@@ -79,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   # CAC's overlapping crop pairs (one pair per unlabelled image; CAC: 8 pairs per step).
   config.input.streams.unlabeled_pair = ml_collections.ConfigDict()
   config.input.streams.unlabeled_pair.batch_size = 8
+  # S4GAN's discriminator "real" batch: a third, independent draw of labelled images.
+  config.input.streams.labeled_real = ml_collections.ConfigDict()
+  config.input.streams.labeled_real.batch_size = 8
   # How a stream draws its subset: 'replacement' = i.i.d. uniform draws over the whole subset
   # (build_data.py: BuildDataLoader, RandomSampler(replacement=True)); 'permutation' = a fresh
   # full permutation per epoch.
@@ -108,13 +115,18 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- model ----------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
   config.model.name = "deeplabv3plus"  # deeplabv3plus | deeplabv2
-  config.model.backbone = "resnet_tiny"  # resnet_tiny | resnet18 | resnet50 | resnet101
+  config.model.backbone = "resnet_tiny"  # resnet_tiny | resnet18 | resnet34 | resnet50 | resnet101
   # None = the model's default: deeplabv3plus 16 (deeplabv3.py: dilate_scale=16), deeplabv2 8.
   config.model.output_stride = ml_collections.FieldReference(None, field_type=int)
   config.model.rep_dim = 256  # deeplabv3.py: output_dim
   config.model.head_dim = 256  # ASPP/decoder width (256 in the official code)
   config.model.width = 64  # backbone base width (64 = standard ResNet)
   config.model.dtype = "float32"  # float32 | bfloat16 (compute dtype; params stay float32)
+  # ImageNet weights for the student's backbone (and so the teacher's copy) at step 0: a
+  # directory written by `python -m reco_jax.tools.import_weights` or a torchvision-named
+  # .safetensors/.pth file (officially torchvision resnet101(pretrained=True), reco_spec 6.1).
+  # None = random init, our default (reco-jax downloads nothing). Not read on resume.
+  config.model.pretrained = ml_collections.FieldReference(None, field_type=str)
 
   # ---- optimisation (module_list.py: PolyLR; train_*.py: SGD) --------------------------
   config.optim = ml_collections.ConfigDict()
@@ -180,6 +192,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.cac.numerics = "official"
   config.cac.chunk_size = 1024  # bank rows per lax.scan step (temp memory ~ 5 B x 2P x chunk_size)
   config.cac.max_shift_rows = 8000  # the official first chunk
+  # How the steps before unsup_start_step skip the unlabelled branch: cond (no work, as the
+  # official code), select (compute, discard: same numbers; XLA:CPU runs convolutions inside a
+  # lax.cond branch ~10x slower), auto (select on CPU, cond elsewhere).
+  config.cac.warmup_skip = "auto"
   # Groups of the per-GPU masked mean (the official GPU count: VOC 2, Cityscapes 4).
   config.cac.mean_groups = 1
   # Crop pairs (dataloaders/voc.py: PairVOCDataset): long side in scale_range x base_size.
@@ -190,6 +206,45 @@ def base_config() -> ml_collections.ConfigDict:
   config.cac.jitter_prob = 0.8
   config.cac.blur_prob = 0.5
   config.cac.grayscale_prob = 0.2
+
+  # ---- S4GAN (semisup-semseg train_s4GAN.py, model/discriminator.py; s4gan_spec §8) ----
+  config.s4gan = ml_collections.ConfigDict()
+  config.s4gan.threshold_st = 0.6  # --threshold-st: 0.6 VOC / Context, 0.7 Cityscapes
+  config.s4gan.lambda_fm = 0.1  # --lambda-fm
+  config.s4gan.lambda_st = 1.0  # --lambda-st
+  config.s4gan.lr_d = 1e-4  # --learning-rate-D: 1e-4 VOC, 1e-5 Cityscapes; poly as the student
+  config.s4gan.beta1 = 0.9  # Adam betas of the discriminator
+  config.s4gan.beta2 = 0.99
+  config.s4gan.ndf = 64  # discriminator base width
+  config.s4gan.dropout = 0.5  # Dropout2d after conv1-3, active in every D forward (official)
+  # 'global': mean over D's last map (any crop); 'fixed': the official AvgPool2d(pool_size),
+  # a global mean only at the design crop (VOC 321: (20, 20); Cityscapes 256x512: (16, 32)).
+  config.s4gan.pool = "global"
+  config.s4gan.pool_size = (20, 20)
+  # D's real batch: 'separate' (official: stream labeled_real) or 'labeled' (the CE batch).
+  config.s4gan.real_batch = "separate"
+  # Official: the real images are scaled by the *labelled CE batch's* value range.
+  config.s4gan.real_range_from_labeled = True
+
+  # ---- PC²Seg (article: ../shared/reference/papers/pc2seg_article.txt; README table) -----
+  # Values the article does not give are our choices (README: PC²Seg, value/source table).
+  config.pc2seg = ml_collections.ConfigDict()
+  config.pc2seg.contrastive_weight = 0.1  # λ1 of l_ce
+  config.pc2seg.consistency_weight = 1.0  # λ2 of l_cy
+  config.pc2seg.temperature = 0.1  # τ
+  config.pc2seg.proj_dim = 128  # D of the linear projection of `rep`
+  # uniform | different_image | debiased | different_image_debiased (the article's choice)
+  config.pc2seg.negative_sampling = "different_image_debiased"
+  config.pc2seg.anchors_per_image = 256  # anchors i per unlabelled image (feature pixels)
+  config.pc2seg.pool_size = 4096  # candidate pool per step, uniform over the batch's pixels
+  config.pc2seg.num_negatives = 512  # N per anchor
+  config.pc2seg.replacement = True  # i.i.d. draws (article: z_in⁻ ~ Discrete); False: top-N
+  config.pc2seg.anchor_view = "weak"  # article: z_i from the weak view; 'strong' swaps roles
+  config.pc2seg.anchor_grad = True  # gradient through the anchor z_i
+  config.pc2seg.positive_grad = True  # gradient through the positive z_i⁺
+  config.pc2seg.negative_grad = False  # gradient through the negatives z_in⁻
+  config.pc2seg.reduction = "mean"  # 'sum': the article's Σ_i literally
+  config.pc2seg.consistency_pixels = "anchors"  # l_cy over the anchors i, or 'all' valid pixels
 
   # ---- loop, evaluation, checkpoints ------------------------------------------------------
   config.num_train_steps = 600
@@ -291,6 +346,9 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     config.model.head_dim = 16
     config.model.rep_dim = 16
     config.input.streams.unlabeled_pair.batch_size = 8
+    config.input.streams.labeled_real.batch_size = 8
+    # S4GAN: every image passes the discriminator's gate, so the self-training term runs.
+    config.s4gan.threshold_st = 0.0
     # CAC: small heads, the unsupervised term from the first step, a crop-sized long side.
     config.cac.proj_hidden = 16
     config.cac.proj_dim = 16
@@ -300,6 +358,11 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     # the official 0.75, and the smoke run should exercise the unsupervised gradient.
     config.cac.pos_threshold = 0.0
     config.cac.base_size = 32
+    # PC²Seg: small head and draws (a 32x32 crop has 64 stride-4 pixels per image).
+    config.pc2seg.proj_dim = 8
+    config.pc2seg.anchors_per_image = 16
+    config.pc2seg.pool_size = 256
+    config.pc2seg.num_negatives = 32
     # Fewer ReCo draws: same code path, a smaller gather per class.
     config.reco.num_queries = 32
     config.reco.num_negatives = 64
@@ -315,6 +378,9 @@ class Protocol(typing.NamedTuple):
   eval_size: tuple[int, int]  # im_size: eval images are padded to this
   semi_batch: int  # train_semisup.py --batch_size: labelled = unlabelled batch
   supervised_batch: int  # train_sup.py doubles the labelled batch
+  # The dataset's values for a method module: {config.method: {dotted key: value}}, applied
+  # before the variant (e.g. {"s4gan": {"s4gan.threshold_st": 0.7}}).
+  method_settings: typing.Mapping[str, typing.Mapping[str, typing.Any]] | None = None
 
 
 # CAC's official settings per dataset (other_methods_spec §1.7; configs/*_cac_*.json), applied
@@ -385,6 +451,7 @@ def protocol_config(protocol: Protocol, method: str,
   config.input.streams.labeled.batch_size = (
       protocol.supervised_batch if config.method == "supervised" else protocol.semi_batch)
   config.input.streams.unlabeled.batch_size = protocol.semi_batch
+  config.input.streams.labeled_real.batch_size = config.input.streams.labeled.batch_size
   # The official test batch is 4; the eval batch does not change the metrics, and equal to the
   # labelled batch it fits every device count that training fits.
   config.input.eval_batch_size = config.input.streams.labeled.batch_size
@@ -406,6 +473,12 @@ def protocol_config(protocol: Protocol, method: str,
   config.checkpoint_every_steps = 1000
   if config.method == "cac":
     apply_cac_protocol(config, protocol.dataset)
+  for key, value in (protocol.method_settings or {}).get(config.method, {}).items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
   if variant:
     apply_variant(config, variant)
     # Keep the dataset's eval size so that the smoke variant also runs on the real images.

@@ -43,6 +43,14 @@ PROTOCOL = common.Protocol(
     eval_size=(513, 513),  # im_size: val images (<= 500x500) are padded right/bottom to this
     semi_batch=10,  # labelled = unlabelled (train_semisup.py --batch_size 10)
     supervised_batch=20,  # train_sup.py doubles the batch
+    method_settings={
+        # ReCo's S4GAN row (Table 5) is DeepLabv2; train_s4GAN.py's VOC values (s4gan_spec §8);
+        # the official fixed pool fits 321 crops (used only with s4gan.pool='fixed').
+        "s4gan": {"model.name": "deeplabv2", "s4gan.threshold_st": 0.6, "s4gan.lr_d": 1e-4,
+                  "s4gan.pool_size": (20, 20)},
+        # PC²Seg: base_config's config.pc2seg is sized for VOC (10 unlabelled 321 crops, 81x81
+        # stride-4 pixels each: 256 anchors per image, a pool of 4096, 512 negatives).
+    },
 )
 
 

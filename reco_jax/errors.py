@@ -15,6 +15,12 @@ class ConfigError(RecoError, ValueError):
   """A config value that cannot work, or one that contradicts the workdir."""
 
 
+class WeightImportError(ConfigError):
+  """A pretrained weight file that cannot become our backbone: unreadable, not a torchvision
+  ResNet (a missing, unexpected or mis-shaped key, named), or another architecture than the
+  configured backbone."""
+
+
 class WorkdirError(RecoError):
   """The workdir cannot be used (in use by another run)."""
 

@@ -8,7 +8,7 @@ and BatchNorm sees the global batch.
 Nothing here knows which method trains: the method (reco_jax/methods) supplies the input
 streams, its extra state, the loss, what happens after the update and the weights to
 evaluate. The step is `value_and_grad(method.loss)` -> optimiser update ->
-`method.after_update`.
+`method.after_update` (whose metrics, if any, join the step's).
 """
 import functools
 import json
@@ -29,6 +29,7 @@ from input_pipeline import datasets
 from reco_jax import checkpointing, console, evaluate, methods, models, optim, parallel, reporting
 from reco_jax import workdir as workdir_lib
 from reco_jax.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from reco_jax.tools import import_weights
 from reco_jax.train_state import TrainState
 
 PyTree = Any
@@ -56,7 +57,8 @@ def train_step(state: TrainState, batch: dict, *, method: methods.Method,
   metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
   new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=aux["batch_stats"],
                             opt_state=new_opt_state)
-  return method.after_update(new_state, aux, key), metrics
+  new_state, update_metrics = method.after_update_and_metrics(new_state, aux, key)
+  return new_state, {**metrics, **update_metrics}
 
 
 def make_train_step(mesh: jax.sharding.Mesh, method: methods.Method, seed: int):
@@ -75,17 +77,26 @@ def build(config: ml_collections.ConfigDict) -> tuple[datasets.DatasetInfo, meth
 
 
 def create_state(config: ml_collections.ConfigDict, method: methods.Method,
-                 mesh: jax.sharding.Mesh) -> TrainState:
+                 mesh: jax.sharding.Mesh, pretrained: PyTree | None = None) -> TrainState:
   """Creates the student (`method.model`), its optimiser state and the method's extra state,
-  replicated."""
+  replicated.
+
+  `pretrained`: {"params", "batch_stats"} trees of the backbone
+  (`import_weights.load_for_config(config.model)`), placed into the student's `backbone`
+  before the method's extra state is made from the student, so that the mean teacher starts
+  as a copy of the pretrained student. None: the random init. The trainer passes it only
+  for a fresh run (a resumed run restores its checkpoint over this state anyway).
+  """
   model = method.model
   schedule = optim.create_lr_schedule(config.optim, config.num_train_steps)
   tx = optim.create_optimizer(config.optim, schedule)
   image_shape = (1, *config.input.crop_size, 3)
 
-  def init(key):
+  def init(key, pretrained):
     variables = model.init(key, jnp.zeros(image_shape, jnp.float32), train=False)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    if pretrained is not None:
+      variables = import_weights.place_backbone(variables, pretrained, config.model.pretrained)
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
                       extra=method.init_extra(jax.random.fold_in(key, 1), variables),
@@ -94,7 +105,8 @@ def create_state(config: ml_collections.ConfigDict, method: methods.Method,
   # An rbg key for the initialisers: XLA:CPU compiles the threefry version of a ResNet init
   # one to two orders of magnitude more slowly; the distributions are the same.
   key = jax.random.key(config.seed, impl="rbg")
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))(key)
+  # The weights are an argument, not constants folded into the compiled init.
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(key, pretrained)
 
 
 def stream_batch_sizes(config: ml_collections.ConfigDict, method: methods.Method,
@@ -229,10 +241,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
   parallel.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
   prepare_data(config)
 
-  state = create_state(config, method, mesh)
   manager = checkpointing.create_resume_manager(workdir, config.max_checkpoints_to_keep)
   in_flight.append(manager)
   latest = manager.latest_step()
+  # Pretrained weights seed a fresh run only: a resume never reads them (the file may have
+  # moved; the checkpoint holds the weights).
+  pretrained = import_weights.load_for_config(config.model) if latest is None else None
+  state = create_state(config, method, mesh, pretrained)
   if latest is not None:
     # Before the restore: a changed model would otherwise fail in orbax with a shape error,
     # or (shape-compatible changes) silently continue another model.

@@ -33,6 +33,9 @@ HARMLESS_FIELDS = (
     "input.data_dir", "input.manual_dir",  # where the same data lives
     "input.num_threads", "input.prefetch",
     "input.eval_split", "input.eval_size", "input.eval_batch_size",
+    # Only seeds step 0 and is never read on resume (the checkpoint holds the weights): a
+    # moved weight file must not stop a resume.
+    "model.pretrained",
 )
 
 

@@ -76,6 +76,36 @@ def test_bank_is_written_before_the_loss_and_unfilled_slots_are_masked(single_de
   assert np.asarray(state.extra["bank"]["labels"]).max() < NUM_CLASSES
 
 
+def test_warmup_skip_by_cond_and_by_select_train_identically(single_device_mesh):
+  """`cac.warmup_skip`: skipping the warm-up's unlabelled branch with lax.cond (no work) and
+  computing it then selecting it away train identically: bit for bit during the warm-up (the
+  select path must leave BN statistics, bank and gradients untouched), and to float32 rounding
+  after `unsup_start_step` (the two programs fuse the active branch differently)."""
+  assert cac_method.skips_by_cond("auto", "gpu") and not cac_method.skips_by_cond("auto", "cpu")
+  runs = []
+  for mode in ("cond", "select"):
+    config, method = _cac(**{"cac.unsup_start_step": 2, "cac.warmup_skip": mode})
+    assert cac_method.skips_by_cond(method.settings.warmup_skip, "cpu") == (mode == "cond")
+    state = train.create_state(config, method, single_device_mesh)
+    step = train.make_train_step(single_device_mesh, method, config.seed)
+    history = []
+    for batch in test_methods.random_batches(config, method, 3, seed=1):
+      state, metrics = step(state, parallel.to_global_batch(batch, single_device_mesh))
+      history.append(jax.device_get(metrics))
+      if len(history) == 2:  # the end of the warm-up
+        runs.append(jax.device_get(state))
+    runs.append((jax.device_get(state), history))
+  warm_cond, (state_cond, hist_cond), warm_select, (state_select, hist_select) = runs
+  assert float(hist_cond[1]["unsup_loss"]) == 0.0 and float(hist_cond[2]["unsup_loss"]) > 0.0
+  assert hist_cond[:2] == hist_select[:2]
+  for a, b in zip(jax.tree.leaves(warm_cond), jax.tree.leaves(warm_select)):
+    np.testing.assert_array_equal(a, b)
+  for name, value in hist_cond[2].items():
+    np.testing.assert_allclose(hist_select[2][name], value, rtol=1e-5, err_msg=name)
+  for a, b in zip(jax.tree.leaves(state_cond), jax.tree.leaves(state_select)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_bank_in_official_order_puts_filled_slots_oldest_first():
   from reco_jax.losses import cac as cac_lib
   bank = cac_lib.init_bank(3, 2, 1)
@@ -110,3 +140,5 @@ def test_bad_cac_settings_are_named():
     _cac(**{"cac.pair_variant": "voc2"})
   with pytest.raises(ValueError, match=r"config cac.mean_groups=3 must divide"):
     _cac(**{"cac.mean_groups": 3})
+  with pytest.raises(ValueError, match=r"config cac.warmup_skip='skip' is invalid"):
+    _cac(**{"cac.warmup_skip": "skip"})

@@ -350,7 +350,7 @@ def test_official_head_widths_and_init():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("name", "unet"), ("backbone", "resnet34"), ("output_stride", 32), ("output_stride", 4),
+    ("name", "unet"), ("backbone", "resnet152"), ("output_stride", 32), ("output_stride", 4),
     ("dtype", "float16"), ("head_dim", 0)])
 def test_create_model_rejects_bad_config_with_the_field_name(field, value):
   config = _tiny_model_config("deeplabv3plus", 16)

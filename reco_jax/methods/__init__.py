@@ -13,11 +13,14 @@ The trainer, the evaluator and the checkpoints only use the `Method` interface (
   loss(params, state, batch, key)     -> (loss, (metrics, aux)); aux["batch_stats"] is the
                                          student's new BatchNorm state
   after_update(state, aux, key)       -> state (EMA, a bank enqueue, a second model's update)
+  after_update_and_metrics(...)       -> (state, metrics): the same, with the scalars it
+                                         computes (S4GAN's discriminator loss); default: none
   eval_variables(state)               -> {'params', 'batch_stats'} that evaluate and the best
                                          checkpoint use
   description                         -> one line for `--list` and the logs
 
-The generic step is `value_and_grad(method.loss)` -> optimiser update -> `after_update`.
+The generic step is `value_and_grad(method.loss)` -> optimiser update ->
+`after_update_and_metrics` (whose metrics join the step's).
 Auxiliary pixel-contrastive terms are pluggable by name (auxiliary.py, `config.aux_losses`).
 """
 import importlib

@@ -79,6 +79,12 @@ class Method:
     del aux, key
     return state
 
+  def after_update_and_metrics(self, state, aux: dict, key: jax.Array) -> tuple[Any, dict]:
+    """`after_update` plus the scalar metrics {name: f32[]} it computes (a second model's
+    loss, say), which the trainer merges into the step's metrics. The trainer calls this
+    one; a method whose update has nothing to report only overrides `after_update`."""
+    return self.after_update(state, aux, key), {}
+
   def eval_variables(self, state) -> PyTree:
     """{'params', 'batch_stats'} to evaluate (and keep as the best checkpoint). Must only
     select from `state` (it is also applied to abstract states)."""

@@ -12,8 +12,13 @@ floor arithmetic (321 -> layer1 81, layer4 21 at output stride 16; 513 -> 129).
   output stride | layer1 | layer2 | layer3 | layer4
   16            | 4      | 8      | 16     | 16
   8             | 4      | 8      | 8      | 8
+  32            | 4      | 8      | 16     | 32
 
-(an undilated ResNet would give 4, 8, 16, 32; output stride 32 is not offered, as officially).
+Output stride 32 is the undilated torchvision ResNet; the segmentation models do not offer it
+(as officially: `models.OUTPUT_STRIDES`), it exists to check imported ImageNet weights against
+torchvision's own outputs (`reco_jax/tools/import_weights.py`). The stem's output (after the
+max-pool, stride 4) is sown as `intermediates/stem` (returned only when the caller makes
+"intermediates" mutable).
 
 Parameters are always float32; `dtype` is the compute dtype (float32 or bfloat16).
 """
@@ -36,7 +41,7 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 torchvision_resnet_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # Per-stage dilation factor given to `_nostride_dilate` (1 = stage left as is).
-_STAGE_DILATES = {16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
+_STAGE_DILATES = {16: (1, 1, 1, 2), 8: (1, 1, 2, 4), 32: (1, 1, 1, 1)}
 
 
 def torch_default_bias_init(fan_in: int) -> Initializer:
@@ -225,7 +230,7 @@ class ResNet(nn.Module):
     stage_sizes: number of blocks in layer1..layer4.
     block_cls: `BasicBlock` or `BottleneckBlock`.
     width: base width (64 = standard); stage i has width * 2**i planes.
-    output_stride: 16 or 8 (see the module docstring).
+    output_stride: 16 or 8 (see the module docstring); 32 = undilated (weight checks only).
     dtype: compute dtype; parameters and batch statistics stay float32.
   """
   stage_sizes: Sequence[int]
@@ -241,12 +246,15 @@ class ResNet(nn.Module):
     layer1 is at stride 4 and layer4 at `output_stride`; C_i = width * 2**(i-1) * expansion.
     """
     if self.output_stride not in _STAGE_DILATES:
-      raise ValueError(f"ResNet output_stride={self.output_stride!r}; expected 8 or 16")
+      raise ValueError(f"ResNet output_stride={self.output_stride!r}; expected 8, 16 or 32")
     x = Conv2d(self.width, 7, stride=2, padding=3, kernel_init=torchvision_resnet_kernel_init,
                dtype=self.dtype, name="conv1")(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
     # flax pads max_pool with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # A no-op unless "intermediates" is mutable: lets the import tests compare torchvision's
+    # recorded stem without a fifth feature that every model would carry.
+    self.sow("intermediates", "stem", x)
     features = {}
     for i, (num_blocks, dilate) in enumerate(zip(self.stage_sizes,
                                                  _STAGE_DILATES[self.output_stride])):
@@ -260,12 +268,14 @@ class ResNet(nn.Module):
 
 resnet_tiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block_cls=BottleneckBlock)
 resnet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+resnet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
 resnet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
 resnet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
 
 BACKBONES: dict[str, Callable[..., ResNet]] = {
     "resnet_tiny": resnet_tiny,
     "resnet18": resnet18,
+    "resnet34": resnet34,
     "resnet50": resnet50,
     "resnet101": resnet101,
 }
