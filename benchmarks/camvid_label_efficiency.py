@@ -23,7 +23,7 @@ import sys
 import time
 
 REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
-METHODS = ("supervised", "classmix", "classmix_reco", "cac")  # presets of configs/common.py
+METHODS = ("supervised", "classmix", "classmix_reco", "cac", "s4gan", "pc2seg")  # presets of configs/common.py
 
 
 def run_command(method: str, workdir: str, num_labeled: int, seed: int,
