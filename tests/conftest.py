@@ -112,3 +112,17 @@ def toy_segmenter(num_classes: int, logit_scale: float = 4.0):
               "rep": nn.Conv(8, (1, 1))(x), "features": {}}
 
   return _Toy(num_classes, logit_scale)
+
+
+def golden_recipe_tensor(k: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """The k-th PyTorch state tensor of the goldens' NumPy recipe (golden README §8, wave2 §3.3)."""
+  rs = np.random.RandomState(1000 + k)
+  if name.endswith("running_var"):
+    value = 0.5 + rs.random_sample(shape)
+  elif name.endswith("running_mean") or name.endswith("bias"):
+    value = 0.1 * rs.standard_normal(shape)
+  elif len(shape) == 1:
+    value = 1 + 0.1 * rs.standard_normal(shape)
+  else:
+    value = rs.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+  return value.astype(np.float32)

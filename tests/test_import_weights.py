@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import GOLDEN_DIR, REPO_ROOT, restore_latest_state, with_overrides
+from conftest import GOLDEN_DIR, REPO_ROOT, golden_recipe_tensor, restore_latest_state, with_overrides
 from configs import synthetic
 from reco_jax import errors, train
 from reco_jax.models import resnet
@@ -179,16 +179,7 @@ def _recipe_state_dict(keys, shapes) -> dict[str, np.ndarray]:
     if name.endswith("num_batches_tracked"):
       state_dict[name] = np.asarray(k, np.int64)
       continue
-    rs = np.random.RandomState(1000 + k)
-    if name.endswith("running_var"):
-      value = 0.5 + rs.random_sample(shape)
-    elif name.endswith("running_mean") or name.endswith("bias"):
-      value = 0.1 * rs.standard_normal(shape)
-    elif len(shape) == 1:
-      value = 1 + 0.1 * rs.standard_normal(shape)
-    else:
-      value = rs.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-    state_dict[name] = value.astype(np.float32)
+    state_dict[name] = golden_recipe_tensor(k, name, shape)
   return state_dict
 
 

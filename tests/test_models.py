@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import golden_recipe_tensor
+
 from configs import default
 from reco_jax import parallel
 from reco_jax.models import create_model
@@ -380,20 +382,6 @@ _DLV2_MODULES = {
 }
 
 
-def _recipe_tensor(k: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
-  """The k-th PyTorch state tensor of golden README §8's NumPy recipe."""
-  rs = np.random.RandomState(1000 + k)
-  if name.endswith("running_var"):
-    value = 0.5 + rs.random_sample(shape)
-  elif name.endswith("running_mean") or name.endswith("bias"):
-    value = 0.1 * rs.standard_normal(shape)
-  elif len(shape) == 1:
-    value = 1 + 0.1 * rs.standard_normal(shape)
-  else:
-    value = rs.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-  return value.astype(np.float32)
-
-
 def _variables_from_recipe(abstract: dict, names, modules: dict[str, str]) -> dict:
   """Flax variables with the shapes of `abstract`, filled from the PyTorch state recipe.
 
@@ -413,9 +401,9 @@ def _variables_from_recipe(abstract: dict, names, modules: dict[str, str]) -> di
     shape = flat_abstract[key].shape
     if key.endswith("kernel"):
       kh, kw, cin, cout = shape
-      flat[key] = _recipe_tensor(k, torch_name, (cout, cin, kh, kw)).transpose(2, 3, 1, 0)
+      flat[key] = golden_recipe_tensor(k, torch_name, (cout, cin, kh, kw)).transpose(2, 3, 1, 0)
     else:
-      flat[key] = _recipe_tensor(k, torch_name, shape)
+      flat[key] = golden_recipe_tensor(k, torch_name, shape)
   assert set(flat) == set(flat_abstract), set(flat_abstract) ^ set(flat)
   return flax.traverse_util.unflatten_dict(flat, sep="/")
 
