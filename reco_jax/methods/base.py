@@ -17,6 +17,16 @@ import jax
 from input_pipeline import datasets
 
 PyTree = Any
+def check_choice(config: Any, key: str, known: tuple[str, ...]) -> str:
+  """`config[key]` (`key` = "section.field", e.g. "cac.numerics") if it is one of `known`;
+  else the one-line error every method's settings use for a named choice."""
+  section, field = key.split(".")
+  value = config[section][field]
+  if value not in known:
+    raise ValueError(f"config {key}={value!r} is invalid; expected one of {', '.join(known)}")
+  return value
+
+
 LABELED = "labeled"
 # The official labelled stream: the labelled subset with the full augmentation of build_data.py.
 LABELED_STREAM = datasets.Stream(subset="labeled", augment=True)

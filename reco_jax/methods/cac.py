@@ -150,17 +150,11 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
   if crop[0] != crop[1] or crop[0] % cac_lib.FEATURE_STRIDE:
     raise ValueError(f"config input.crop_size={crop} must be square and a multiple of 8 for cac "
                      f"(the official overlap mapping divides by 8)")
-  if c.numerics not in cac_lib.NUMERICS:
-    raise ValueError(f"config cac.numerics={c.numerics!r} is invalid; expected one of "
-                     f"{', '.join(cac_lib.NUMERICS)}")
-  if c.pair_variant not in crop_pairs.VARIANTS:
-    raise ValueError(f"config cac.pair_variant={c.pair_variant!r} is invalid; expected one of "
-                     f"{', '.join(crop_pairs.VARIANTS)}")
+  base.check_choice(config, "cac.numerics", cac_lib.NUMERICS)
+  base.check_choice(config, "cac.pair_variant", crop_pairs.VARIANTS)
   if int(c.step_save) < 0:
     raise ValueError(f"config cac.step_save={c.step_save} must be >= 0")
-  if c.warmup_skip not in WARMUP_SKIPS:
-    raise ValueError(f"config cac.warmup_skip={c.warmup_skip!r} is invalid; expected one of "
-                     f"{', '.join(WARMUP_SKIPS)}")
+  base.check_choice(config, "cac.warmup_skip", WARMUP_SKIPS)
   batch = int(config.input.streams[UNLABELED_PAIR].batch_size)
   if batch % int(c.mean_groups):
     raise ValueError(f"config cac.mean_groups={c.mean_groups} must divide "

@@ -61,8 +61,7 @@ class Settings:
 def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settings:
   """Static settings of `config`, with one-line errors for settings that cannot work."""
   c = config.mean_teacher
-  if c.mix not in MIX_MODES:
-    raise ValueError(f"config mean_teacher.mix={c.mix!r} is invalid; expected one of {', '.join(MIX_MODES)}")
+  base.check_choice(config, "mean_teacher.mix", MIX_MODES)
   if not c.teacher_train_mode and not c.ema_batch_stats:
     # An eval-mode teacher normalises with its running statistics, and nothing would ever
     # update them (only its train-mode forward or the EMA does): they would stay at init.

@@ -74,12 +74,6 @@ class Settings:
   blur_prob: float
 
 
-def _choice(c: ml_collections.ConfigDict, name: str, known: tuple[str, ...]) -> str:
-  if c[name] not in known:
-    raise ValueError(f"config pc2seg.{name}={c[name]!r} is invalid; expected one of "
-                     f"{', '.join(known)}")
-  return c[name]
-
 
 def _positive(c: ml_collections.ConfigDict, name: str, kind=int):
   value = c[name]
@@ -98,11 +92,12 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
       temperature=_positive(c, "temperature", float),
       contrastive_weight=float(c.contrastive_weight),
       consistency_weight=float(c.consistency_weight),
-      anchor_view=_choice(c, "anchor_view", pc2seg_lib.VIEWS),
+      anchor_view=base.check_choice(config, "pc2seg.anchor_view", pc2seg_lib.VIEWS),
       anchor_grad=bool(c.anchor_grad), positive_grad=bool(c.positive_grad),
       negative_grad=bool(c.negative_grad),
-      reduction=_choice(c, "reduction", pc2seg_lib.REDUCTIONS),
-      consistency_pixels=_choice(c, "consistency_pixels", pc2seg_lib.CONSISTENCY_PIXELS))
+      reduction=base.check_choice(config, "pc2seg.reduction", pc2seg_lib.REDUCTIONS),
+      consistency_pixels=base.check_choice(config, "pc2seg.consistency_pixels",
+                                           pc2seg_lib.CONSISTENCY_PIXELS))
   replacement = bool(c.replacement)
   num_negatives = _positive(c, "num_negatives")
   pool_size = _positive(c, "pool_size")
@@ -111,7 +106,8 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
                      f"pc2seg.pool_size={pool_size}: without replacement (pc2seg.replacement="
                      f"False) each anchor needs that many distinct candidates")
   return Settings(
-      loss=loss, negative_sampling=_choice(c, "negative_sampling", pc2seg_lib.RULES),
+      loss=loss,
+      negative_sampling=base.check_choice(config, "pc2seg.negative_sampling", pc2seg_lib.RULES),
       anchors_per_image=_positive(c, "anchors_per_image"), pool_size=pool_size,
       num_negatives=num_negatives, replacement=replacement,
       scale_range=tuple(float(x) for x in config.input.scale_range),

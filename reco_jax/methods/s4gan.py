@@ -254,11 +254,8 @@ class Settings:
 def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settings:
   """Static settings of `config`, with one-line errors for settings that cannot work."""
   c = config.s4gan
-  if c.pool not in POOLS:
-    raise ValueError(f"config s4gan.pool={c.pool!r} is invalid; expected one of {', '.join(POOLS)}")
-  if c.real_batch not in REAL_BATCHES:
-    raise ValueError(f"config s4gan.real_batch={c.real_batch!r} is invalid; expected one of "
-                     f"{', '.join(REAL_BATCHES)}")
+  base.check_choice(config, "s4gan.pool", POOLS)
+  base.check_choice(config, "s4gan.real_batch", REAL_BATCHES)
   if len(tuple(c.pool_size)) != 2:
     raise ValueError(f"config s4gan.pool_size={c.pool_size!r} must be (height, width)")
   if not 0.0 <= float(c.dropout) < 1.0:
