@@ -47,6 +47,10 @@ PROTOCOL = common.Protocol(
     method_settings={
         # Not an official S4GAN dataset: VOC's values; DeepLabv3+ as the other CamVid rows.
         "s4gan": {"s4gan.threshold_st": 0.6, "s4gan.lr_d": 1e-4},
+        # Memory bank: not an official dataset: DeepLabv3+ as the other CamVid rows, the
+        # official unlabelled batch (half the labelled one, two views each), Cityscapes' E rule.
+        "memory_bank": {"input.streams.unlabeled.batch_size": BATCH // 2,
+                        "memory_bank.samples_rule": "cityscapes"},
         # PC²Seg: base_config's values (8 x 90x120 stride-4 pixels per step; cpu: below).
     },
 )
@@ -83,6 +87,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.cac.proj_hidden = 64
       config.cac.decoder_dim = 64
       config.optim.backbone_lr_mult = 1.0
+    if config.method == "memory_bank":
+      # The official phases (memory from step 1000, contrast, ClassMix and the end of the
+      # pseudo-label ramp-up at 2000, of 150k) would never start in 2000 steps: the memory from
+      # step 250, the rest from 500. Heads as wide as the other cpu rows' (64).
+      config.memory_bank.dim = 64
+      config.memory_bank.memory_start_step = 250
+      config.memory_bank.contrastive_start_step = 500
+      config.memory_bank.classmix_start_step = 500
+      config.memory_bank.ramp_up_steps = 500
     if config.method == "pc2seg":
       # A smaller projection, as the other cpu rows' heads (rep_dim 64); anchors, pool and
       # negatives as the full recipe (8 x 32x40 stride-4 pixels per step).

@@ -52,6 +52,13 @@ PROTOCOL = common.Protocol(
         # fits 256x512 crops only: ReCo's 512x512 crops need s4gan.pool='global' (the default).
         "s4gan": {"model.name": "deeplabv2", "s4gan.threshold_st": 0.7, "s4gan.lr_d": 1e-5,
                   "s4gan.pool_size": (16, 32)},
+        # Memory bank: configSSL_city_*_COCO/imagenet (other_methods_spec §2.5): DeepLabv2-R101,
+        # 5 labelled + 2 unlabelled (x2 views) 512x512 crops of the half-resolution images
+        # (ReCo's Cityscapes images), 150k iterations, lr 2e-4, wd 5e-4; *_v3: README.
+        "memory_bank": {"model.name": "deeplabv2", "input.streams.labeled.batch_size": 5,
+                        "input.streams.unlabeled.batch_size": 2, "num_train_steps": 150_000,
+                        "optim.lr": 2e-4, "optim.weight_decay": 5e-4, "optim.nesterov": False,
+                        "memory_bank.samples_rule": "cityscapes", "eval_every_steps": 1000},
         # PC²Seg (our choice): 2 images of 128x128 stride-4 pixels; 1280 anchors each keeps
         # VOC's 2560 anchors per step (VOC: 10 x 256).
         "pc2seg": {"pc2seg.anchors_per_image": 1280},

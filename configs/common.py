@@ -40,6 +40,8 @@ METHOD_PRESETS = {
     "s4gan": {"method": "s4gan", "mix": None, "aux_losses": ()},
     # PC²Seg (Zhong et al., ICCV 2021; no public code); settings in config.pc2seg.
     "pc2seg": {"method": "pc2seg", "mix": None, "aux_losses": ()},
+    # SemiSeg-Contrastive trainSSL.py (Alonso et al., ICCV 2021); settings in config.memory_bank.
+    "memory_bank": {"method": "memory_bank", "mix": None, "aux_losses": ()},
 }
 
 VARIANTS = ("smoke",)  # the variants every config file offers (apply_variant)
@@ -246,6 +248,33 @@ def base_config() -> ml_collections.ConfigDict:
   config.pc2seg.reduction = "mean"  # 'sum': the article's Σ_i literally
   config.pc2seg.consistency_pixels = "anchors"  # l_cy over the anchors i, or 'all' valid pixels
 
+  # ---- Class-wise memory bank (SemiSeg-Contrastive trainSSL.py; other_methods_spec §2) ---
+  config.memory_bank = ml_collections.ConfigDict()
+  config.memory_bank.feature_source = "auto"  # auto: DLv2 layer4, DLv3+ decoder | layer4 | decoder
+  config.memory_bank.dim = 256  # projection / prediction / selector width
+  config.memory_bank.memory_per_class = 256  # FeatureMemory(memory_per_class=256)
+  # E per class per step; 0: labelled batch x per_class_samples_per_image(samples_rule).
+  config.memory_bank.elements_per_class = 0
+  config.memory_bank.samples_rule = "pascal_voc"  # pascal_voc | cityscapes (FeatureMemory)
+  config.memory_bank.confidence = 0.95  # teacher p_max for memory candidates
+  config.memory_bank.ranking = "ascending"  # official torch.sort; 'descending': the paper
+  config.memory_bank.memory_weighting = "official"  # memory weights = 1; 'paper': Eq. 8
+  config.memory_bank.memory_start_step = 1000  # i_iter > RAMP_UP_ITERS - 1000
+  config.memory_bank.contrastive_start_step = 2000  # i_iter > RAMP_UP_ITERS
+  config.memory_bank.classmix_start_step = 2000  # unlabelled ClassMix only after ramp-up
+  config.memory_bank.ramp_up_steps = 2000  # sigmoid_ramp_up of the pseudo-label weight
+  config.memory_bank.labeled_contrastive_weight = 0.1
+  config.memory_bank.unlabeled_contrastive_weight = 0.1
+  config.memory_bank.entropy_weight = 0.01
+  config.memory_bank.pseudo_label_power = 6.0  # pixel weight p_max^6
+  config.memory_bank.drop_background = False  # ClassMix never pastes class 0 (VOC: True)
+  # augment_samples_weak (labelled) and augment_samples (each unlabelled view).
+  config.memory_bank.weak = ml_collections.ConfigDict(dict(
+      classmix_prob=0.2, scale_prob=0.5, scale_range=(0.75, 1.75), flip_prob=0.5,
+      jitter_prob=0.25, jitter_strength=0.125, blur_prob=0.0, blur_sigma=(0.1, 1.5)))
+  config.memory_bank.strong = ml_collections.ConfigDict(dict(
+      classmix_prob=0.75, scale_prob=0.8, scale_range=(0.75, 1.75), flip_prob=0.5,
+      jitter_prob=0.8, jitter_strength=0.25, blur_prob=0.2, blur_sigma=(0.1, 1.5)))
   # ---- loop, evaluation, checkpoints ------------------------------------------------------
   config.num_train_steps = 600
   config.log_every_steps = 50
@@ -363,6 +392,14 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     config.pc2seg.anchors_per_image = 16
     config.pc2seg.pool_size = 256
     config.pc2seg.num_negatives = 32
+    # Memory bank: small heads and memory; every phase from the first step.
+    config.memory_bank.dim = 16
+    config.memory_bank.memory_per_class = 16
+    config.memory_bank.elements_per_class = 4
+    config.memory_bank.confidence = 0.0
+    config.memory_bank.memory_start_step = -1
+    config.memory_bank.contrastive_start_step = -1
+    config.memory_bank.classmix_start_step = -1
     # Fewer ReCo draws: same code path, a smaller gather per class.
     config.reco.num_queries = 32
     config.reco.num_negatives = 64

@@ -48,6 +48,14 @@ PROTOCOL = common.Protocol(
         # the official fixed pool fits 321 crops (used only with s4gan.pool='fixed').
         "s4gan": {"model.name": "deeplabv2", "s4gan.threshold_st": 0.6, "s4gan.lr_d": 1e-4,
                   "s4gan.pool_size": (20, 20)},
+        # Memory bank: configSSL_pascal_*_COCO/imagenet (other_methods_spec §2.5): DeepLabv2-
+        # R101, 14 labelled + 7 unlabelled (x2 views) 321 crops, 150k iterations, SGD lr 2e-4
+        # (no Nesterov, one group), wd 5e-4; the *_v3 family: README.
+        "memory_bank": {"model.name": "deeplabv2", "input.streams.labeled.batch_size": 14,
+                        "input.streams.unlabeled.batch_size": 7, "num_train_steps": 150_000,
+                        "optim.lr": 2e-4, "optim.weight_decay": 5e-4, "optim.nesterov": False,
+                        "memory_bank.samples_rule": "pascal_voc",
+                        "memory_bank.drop_background": True, "eval_every_steps": 1000},
         # PC²Seg: base_config's config.pc2seg is sized for VOC (10 unlabelled 321 crops, 81x81
         # stride-4 pixels each: 256 anchors per image, a pool of 4096, 512 negatives).
     },

@@ -132,6 +132,32 @@ def classmix_mask(key: jax.Array, labels: jax.Array, num_classes: int) -> jax.Ar
   return jnp.where(in_range, kept[jnp.clip(labels + 1, 0, num_classes)], False).astype(jnp.float32)
 
 
+def classmix_mask_alonso(key: jax.Array, labels: jax.Array, num_classes: int,
+                         drop_background: bool = False) -> jax.Array:
+  """`f32[H,W]` ClassMix mask of Alonso et al.'s `augment_samples` (trainSSL.py).
+
+  The present classes of `labels i32[H,W]` (ignore -1 removed when another class is present;
+  with `drop_background` (VOC) class 0 removed when another class remains), then
+  `(n - n mod 2)/2 + 1` of them chosen uniformly without replacement; the mask is 1 on
+  their pixels. Unlike ReCo's `classmix_mask` (n // 2 classes), this rule keeps at least
+  one class and, for n = 2, both.
+  """
+  in_range = (labels >= -1) & (labels < num_classes)
+  index = jnp.where(in_range, labels + 1, num_classes + 1).reshape(-1)
+  present = jnp.zeros((num_classes + 1,), bool).at[index].set(True, mode="drop")
+  real = present.at[0].set(False)
+  present = jnp.where(jnp.sum(real) > 0, real, present)
+  if drop_background:
+    others = present.at[1].set(False)
+    present = jnp.where(jnp.sum(others) > 0, others, present)
+  count = jnp.sum(present)
+  rank_key = jax.random.permutation(key, num_classes + 1)
+  lower = present[None, :] & (rank_key[None, :] < rank_key[:, None])
+  rank = jnp.sum(lower, axis=1)
+  kept = present & (rank < (count - count % 2) // 2 + 1)
+  return jnp.where(in_range, kept[jnp.clip(labels + 1, 0, num_classes)], False).astype(jnp.float32)
+
+
 # ------------------------------------------------------------------------------------------
 # Mixing.
 

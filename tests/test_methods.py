@@ -98,6 +98,10 @@ def test_plugin_trainer_reproduces_the_pre_refactor_step_bit_for_bit(case, singl
 
 CONTRACT_PRESETS = [
     "supervised", "supervised_reco", "classmix", "classmix_reco", "cac", "pc2seg", "s4gan",
+    # Slow: three networks and three augmentation chains per step take minutes to compile on
+    # CI's two cores; the default suite runs its blocks against the goldens and its phase
+    # gates (test_memory_bank_method.py).
+    pytest.param("memory_bank", marks=pytest.mark.slow),
     pytest.param("cutout", marks=pytest.mark.slow), pytest.param("cutmix", marks=pytest.mark.slow),
     pytest.param("cutout_reco", marks=pytest.mark.slow),
     pytest.param("cutmix_reco", marks=pytest.mark.slow),
@@ -115,7 +119,9 @@ def _assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
 def _contract_config(preset):
   # No uint8 emulation: its floor() turns ulp-level differences between two compiled programs
   # (8 devices vs 1) into whole levels (test_semi_supervised explains).
-  return smoke_config(preset, **{"input.crop_size": (16, 16), "mean_teacher.quantize": False})
+  # The toy segmenter has no decoder map: the memory bank reads its `rep`.
+  return smoke_config(preset, **{"input.crop_size": (16, 16), "mean_teacher.quantize": False,
+                                 "memory_bank.feature_source": "rep"})
 
 
 def test_every_method_module_is_covered_by_a_preset():
@@ -130,6 +136,9 @@ _METHOD_METRICS = {
     "cac": {"unsup_loss", "cac_loss1", "cac_loss2", "cac_selected_fraction"},
     "pc2seg": {"unsup_loss", "pc2seg_contrastive", "pc2seg_consistency",
                "pc2seg_valid_anchor_fraction"},
+    "memory_bank": {"unsup_loss", "pseudo_label_loss", "entropy_loss", "contrastive_labeled",
+                    "contrastive_unlabeled", "memory_filled_fraction", "memory_candidates",
+                    "ema_decay"},
     "s4gan": {"unsup_loss", "fm_loss", "st_loss", "st_selected_fraction", "d_loss", "d_loss_fake",
               "d_loss_real"},
 }
