@@ -21,6 +21,8 @@ the split's order) is what ReCo's labelled-subset selection reads
 dataset's version folder, so runs select their labelled images without touching the raw data.
 """
 from collections.abc import Sequence
+import contextlib
+import fcntl
 import os
 
 import numpy as np
@@ -80,10 +82,34 @@ def prepare_dataset(builder_cls: type[base.SegmentationBuilder], manual_dir: str
   `base.prepare`), and with them the class-presence table.
   """
   builder = builder_cls(data_dir=data_dir)
-  base.prepare(builder, manual_dir)
-  if TRAIN_SPLIT in builder.info.splits:
-    class_presence_for(builder)
+  # Two runs started together on one machine (two seeds, say) would both build the records
+  # and the second rename of TFDS's incomplete folder fails: the first prepares, the other
+  # waits, then finds the dataset prepared.
+  with prepare_lock(builder):
+    base.prepare(builder, manual_dir)
+    if TRAIN_SPLIT in builder.info.splits:
+      class_presence_for(builder)
   return builder
+
+
+def prepare_lock_path(builder: tfds.core.DatasetBuilder) -> str:
+  """`<data_dir>/<dataset name>.prepare.lock`: one lock per dataset and data_dir."""
+  return os.path.join(os.fspath(builder.data_dir_root), f"{builder.name}.prepare.lock")
+
+
+@contextlib.contextmanager
+def prepare_lock(builder: tfds.core.DatasetBuilder):
+  """Holds an exclusive `flock` on `prepare_lock_path(builder)` (released by the kernel if the
+  process dies). Processes of one machine serialise; on a shared network file system flock may
+  not be honoured: there, a multi-host run prepares on process 0 only (datasets.prepare_for_run)."""
+  path = prepare_lock_path(builder)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
 
 
 def main(argv: Sequence[str]) -> None:

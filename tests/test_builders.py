@@ -325,3 +325,33 @@ def test_prepare_command_and_missing_manual_dir(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match=r"voc_aug manual_dir folder .*nowhere does not exist"):
     prepare.prepare_dataset(voc.VocAug, str(tmp_path / "nowhere"), str(tmp_path / "tfds"))
+
+
+def test_preparation_holds_a_per_dataset_lock(tmp_path, monkeypatch):
+  """Two runs started together (two seeds on a fresh machine) once raced to rename TFDS's
+  incomplete folder: `prepare_dataset` prepares under an exclusive lock of the dataset and
+  data_dir, which a second process cannot take until the first is done."""
+  import fcntl
+  held = []
+  real_prepare = prepare.base.prepare
+
+  def probing_prepare(builder, manual_dir):
+    fd = os.open(prepare.prepare_lock_path(builder), os.O_RDWR)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      held.append(False)
+    except BlockingIOError:
+      held.append(True)
+    finally:
+      os.close(fd)
+    return real_prepare(builder, manual_dir)
+
+  monkeypatch.setattr(prepare.base, "prepare", probing_prepare)
+  _fake_voc(tmp_path / "pascal", np.random.default_rng(3))
+  builder = prepare.prepare_dataset(voc.VocAug, str(tmp_path / "pascal"), str(tmp_path / "tfds"))
+  assert held == [True]
+  assert os.path.dirname(prepare.prepare_lock_path(builder)) == str(tmp_path / "tfds")
+  # Released afterwards.
+  fd = os.open(prepare.prepare_lock_path(builder), os.O_RDWR)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  os.close(fd)
