@@ -246,3 +246,36 @@ def test_bad_settings_fail_with_one_line():
   config.memory_bank.ranking = "highest"
   with pytest.raises(ValueError, match=r"memory_bank.ranking='highest' is invalid"):
     method_lib.settings_from(config, 11)
+
+
+def test_own_class_selectors_equal_the_stacked_evaluation():
+  """`ClassSelectors.own_class` (a rematerialised scan over classes, N·hidden memory, what the
+  method uses) gives each row's own-class logit, BatchNorm statistics and parameter gradients
+  of the all-classes evaluation (C·N·hidden memory) that the golden tests check."""
+  rng = np.random.default_rng(4)
+  sel = mb.ClassSelectors(num_classes=5, hidden=16)
+  x = jnp.asarray(rng.normal(size=(40, 16)), jnp.float32)
+  classes = jnp.asarray(rng.integers(0, 5, 40), jnp.int32)
+  mask = jnp.asarray(rng.uniform(size=40) > 0.3).at[classes == 4].set(False)  # class 4: no rows
+  masks = mb.class_masks(classes, mask, 5)
+  v = sel.init(jax.random.key(0), x, masks, False)
+  stats = jax.tree.map(lambda a: a + 0.1, v["batch_stats"])
+
+  def stacked(params):
+    out, new = sel.apply({"params": params, "batch_stats": stats}, x, masks, True, mutable=["batch_stats"])
+    return jnp.sum(jnp.where(mask, mb.own_class_scores(out, classes), 0.0) ** 2), (out, new)
+
+  def own(params):
+    out, new = sel.apply({"params": params, "batch_stats": stats}, x, classes, mask, True,
+                         method=mb.ClassSelectors.own_class, mutable=["batch_stats"])
+    return jnp.sum(jnp.where(mask, out, 0.0) ** 2), (out, new)
+
+  (_, (out_a, new_a)), grad_a = jax.value_and_grad(stacked, has_aux=True)(v["params"])
+  (_, (out_b, new_b)), grad_b = jax.value_and_grad(own, has_aux=True)(v["params"])
+  np.testing.assert_allclose(np.where(mask, out_b, 0), np.where(mask, mb.own_class_scores(out_a, classes), 0),
+                             rtol=0, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(new_a), jax.tree.leaves(new_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(new_b["batch_stats"]["bn_mean"][4], stats["bn_mean"][4])
+  for a, b in zip(jax.tree.leaves(grad_a), jax.tree.leaves(grad_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -138,32 +138,63 @@ class ClassSelectors(nn.Module):
   weights). `x` is f32[N,d] (every class sees the same rows; its BatchNorm uses the rows of
   its mask) or f32[C,N,d] (class c sees its own rows, the memory side). Memory: C·N·hidden
   floats for the hidden layer.
+  `own_class(x f32[N,d], classes i32[N], mask bool[N], train)` -> f32[N]: row i under its own
+  class's selector only (class c's BatchNorm over the masked rows of class c), what the loss
+  and the memory need; a scan over the classes with rematerialisation keeps the memory at
+  N·hidden floats (same values as `__call__` with `class_masks(classes, mask)`).
   Parameters (leading axis C): kernel_0 [C,d,h], bias_0 [C,h], bn_scale, bn_bias [C,h],
   kernel_1 [C,h,1], bias_1 [C,1]; batch_stats bn_mean, bn_var [C,h].
   """
   num_classes: int
   hidden: int = 256
   negative_slope: float = 0.2
+  in_features: int | None = None  # None: `hidden` (the selectors read the heads' output)
 
-  @nn.compact
-  def __call__(self, x: jax.Array, masks: jax.Array, train: bool) -> jax.Array:
-    c, d, h = self.num_classes, x.shape[-1], self.hidden
-    kernel_0 = self.param("kernel_0", torch_linear_init(d), (c, d, h), jnp.float32)
-    bias_0 = self.param("bias_0", torch_linear_init(d), (c, h), jnp.float32)
-    bn_scale = self.param("bn_scale", nn.initializers.ones, (c, h), jnp.float32)
-    bn_bias = self.param("bn_bias", nn.initializers.zeros, (c, h), jnp.float32)
-    kernel_1 = self.param("kernel_1", torch_linear_init(h), (c, h, 1), jnp.float32)
-    bias_1 = self.param("bias_1", torch_linear_init(h), (c, 1), jnp.float32)
-    mean = self.variable("batch_stats", "bn_mean", lambda: jnp.zeros((c, h), jnp.float32))
-    var = self.variable("batch_stats", "bn_var", lambda: jnp.ones((c, h), jnp.float32))
-    spec = "nd,cdh->cnh" if x.ndim == 2 else "cnd,cdh->cnh"
-    hid = jnp.einsum(spec, x, kernel_0) + bias_0[:, None, :]
-    hid, new_mean, new_var = masked_batch_norm(hid, masks, bn_scale, bn_bias, mean.value, var.value,
-                                               train=train)
+  def setup(self):
+    c, h = self.num_classes, self.hidden
+    d = self.in_features or h
+    self.kernel_0 = self.param("kernel_0", torch_linear_init(d), (c, d, h), jnp.float32)
+    self.bias_0 = self.param("bias_0", torch_linear_init(d), (c, h), jnp.float32)
+    self.bn_scale = self.param("bn_scale", nn.initializers.ones, (c, h), jnp.float32)
+    self.bn_bias = self.param("bn_bias", nn.initializers.zeros, (c, h), jnp.float32)
+    self.kernel_1 = self.param("kernel_1", torch_linear_init(h), (c, h, 1), jnp.float32)
+    self.bias_1 = self.param("bias_1", torch_linear_init(h), (c, 1), jnp.float32)
+    self.bn_mean = self.variable("batch_stats", "bn_mean", lambda: jnp.zeros((c, h), jnp.float32))
+    self.bn_var = self.variable("batch_stats", "bn_var", lambda: jnp.ones((c, h), jnp.float32))
+
+  def _store(self, train: bool, new_mean, new_var) -> None:
     if train and not self.is_initializing():
-      mean.value, var.value = new_mean, new_var
+      self.bn_mean.value, self.bn_var.value = new_mean, new_var
+
+  def __call__(self, x: jax.Array, masks: jax.Array, train: bool) -> jax.Array:
+    spec = "nd,cdh->cnh" if x.ndim == 2 else "cnd,cdh->cnh"
+    hid = jnp.einsum(spec, x, self.kernel_0) + self.bias_0[:, None, :]
+    hid, new_mean, new_var = masked_batch_norm(hid, masks, self.bn_scale, self.bn_bias,
+                                               self.bn_mean.value, self.bn_var.value, train=train)
+    self._store(train, new_mean, new_var)
     hid = nn.leaky_relu(hid, self.negative_slope)
-    return jnp.einsum("cnh,cho->cno", hid, kernel_1)[..., 0] + bias_1
+    return jnp.einsum("cnh,cho->cno", hid, self.kernel_1)[..., 0] + self.bias_1
+
+  def own_class(self, x: jax.Array, classes: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+    p = {"kernel_0": self.kernel_0, "bias_0": self.bias_0, "bn_scale": self.bn_scale,
+         "bn_bias": self.bn_bias, "kernel_1": self.kernel_1, "bias_1": self.bias_1}
+    slope = self.negative_slope
+
+    @jax.checkpoint
+    def one_class(out, per_class):
+      c, q, rm, rv = per_class
+      rows = mask & (classes == c)
+      hid = x @ q["kernel_0"] + q["bias_0"]
+      hid, new_rm, new_rv = masked_batch_norm(hid, rows, q["bn_scale"], q["bn_bias"], rm, rv,
+                                              train=train)
+      logit = nn.leaky_relu(hid, slope) @ q["kernel_1"][:, 0] + q["bias_1"][0]
+      return jnp.where(classes == c, logit, out), (new_rm, new_rv)
+
+    init = jnp.zeros(x.shape[:1], jnp.float32)
+    xs = (jnp.arange(self.num_classes), p, self.bn_mean.value, self.bn_var.value)
+    out, (new_mean, new_var) = jax.lax.scan(one_class, init, xs)
+    self._store(train, new_mean, new_var)
+    return out
 
 
 def own_class_scores(scores: jax.Array, labels: jax.Array) -> jax.Array:
@@ -220,8 +251,8 @@ def memory_update(memory: dict, features: jax.Array, labels: jax.Array, candidat
     features: f32[N,D] the teacher's projected features of every row.
     labels: i32[N] class of each row.
     candidates: bool[N] rows that may enter (correct and confident).
-    scores: f32[C,N] the selector score of row i for class c (only read where row i is a
-      candidate of class c and n_c > E).
+    scores: f32[C,N] the selector score of row i for class c, or f32[N] the score of row i
+      under its own class (only read where row i is a candidate of class c and n_c > E).
     elements_per_class: E (static).
     ranking: 'ascending' (official) or 'descending' (paper).
   Returns:
@@ -236,6 +267,7 @@ def memory_update(memory: dict, features: jax.Array, labels: jax.Array, candidat
   n = jnp.sum(in_class, axis=1).astype(jnp.int32)
   take = min(int(elements_per_class), capacity, n_rows)
   ranked = n > elements_per_class
+  scores = jnp.broadcast_to(scores, (num_classes, n_rows))
   score_key = -scores if ranking == "ascending" else scores
   # Unranked classes keep the original row order: the earliest row gets the largest key.
   row_key = -jnp.arange(n_rows, dtype=jnp.float32)[None, :]

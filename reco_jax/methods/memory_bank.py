@@ -95,6 +95,10 @@ class MemoryBankModel(nn.Module):
   def select(self, rows: jax.Array, masks: jax.Array, train: bool) -> jax.Array:
     return self.selectors(rows, masks, train)
 
+  def select_own(self, rows: jax.Array, classes: jax.Array, mask: jax.Array, train: bool
+                 ) -> jax.Array:
+    return self.selectors.own_class(rows, classes, mask, train)
+
   def select_memory(self, rows: jax.Array, masks: jax.Array, train: bool) -> jax.Array:
     return self.memory_selectors(rows, masks, train)
 
@@ -302,9 +306,10 @@ def teacher_memory_update(model: MemoryBankModel, teacher: dict, memory: dict,
   proj = jax.lax.stop_gradient(proj)
   num_classes = memory["features"].shape[0]
   ranked = bank_lib.candidate_counts(labels, cand, num_classes) > elements_per_class
-  masks = bank_lib.class_masks(labels, cand, num_classes) & ranked[:, None]
-  logits, updates = model.apply(teacher, proj, masks, True, method=MemoryBankModel.select,
-                                mutable=["batch_stats"])
+  # Selector c runs (BatchNorm over its candidates) only for a class that is ranked.
+  scored = cand & ranked[jnp.clip(labels, 0, num_classes - 1)]
+  logits, updates = model.apply(teacher, proj, labels, scored, True,
+                                method=MemoryBankModel.select_own, mutable=["batch_stats"])
   new_memory = bank_lib.memory_update(memory, proj, labels, cand, jax.nn.sigmoid(logits),
                                       elements_per_class, ranking)
   return jax.lax.stop_gradient(new_memory), updates["batch_stats"]
@@ -334,9 +339,9 @@ def contrastive_term(model: MemoryBankModel, params, batch_stats, contrast: jax.
   num_classes = memory["features"].shape[0]
   # Selector c runs (and moves its BatchNorm statistics) only for a contributing class.
   contributing = bank_lib.contributing_classes(labels, valid, memory)
-  masks = bank_lib.class_masks(labels, valid, num_classes) & contributing[:, None]
-  scores = apply(MemoryBankModel.select, jax.lax.stop_gradient(pred), masks)
-  weights = jax.nn.sigmoid(bank_lib.own_class_scores(scores, labels))
+  selected = valid & contributing[jnp.clip(labels, 0, num_classes - 1)]
+  scores = apply(MemoryBankModel.select_own, jax.lax.stop_gradient(pred), labels, selected)
+  weights = jax.nn.sigmoid(scores)
   memory_weights = None
   if memory_weighting == "paper":
     # Eq. 8: the memory side weighted by its own selector on the normalised entries,
