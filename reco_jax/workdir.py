@@ -90,13 +90,29 @@ def _harmless(name: str) -> bool:
   return any(name == f or (f.endswith(".") and name.startswith(f)) for f in HARMLESS_FIELDS)
 
 
+def unread_sections(stored: dict, given: dict) -> set[str]:
+  """Config sections neither run reads: those of the other method modules (`config.cac` for a
+  PC²Seg run) and of auxiliary terms neither config lists. A new method's section, or a changed
+  default of a method the run does not use, must not stop a resume."""
+  from reco_jax import methods  # pylint: disable=import-outside-toplevel
+  from reco_jax.methods import auxiliary  # pylint: disable=import-outside-toplevel
+  used = {stored.get("method"), given.get("method")}
+  used |= set(stored.get("aux_losses") or ()) | set(given.get("aux_losses") or ())
+  return (set(methods.known_methods()) | set(auxiliary.TERMS)) - used
+
+
 def config_differences(stored: dict, given: dict) -> tuple[dict, dict]:
-  """(harmful, harmless) differences {dotted name: (stored, given)} of two config dicts."""
+  """(harmful, harmless) differences {dotted name: (stored, given)} of two config dicts.
+
+  Differences in the sections of methods and auxiliary terms that neither config uses
+  (`unread_sections`) are harmless."""
   old, new = flatten(stored), flatten(given)
   missing = "<absent>"
   diffs = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
            if old.get(k, missing) != new.get(k, missing)}
-  harmful = {k: v for k, v in diffs.items() if not _harmless(k)}
+  unread = unread_sections(stored, given)
+  harmful = {k: v for k, v in diffs.items()
+             if not _harmless(k) and k.split(".", 1)[0] not in unread}
   return harmful, {k: v for k, v in diffs.items() if k not in harmful}
 
 

@@ -167,14 +167,35 @@ def test_harmless_changes_are_allowed(trained_workdir):
 
 
 def test_config_differences_are_split_into_harmful_and_harmless():
-  old = synthetic.get_config("method=supervised,variant=smoke").to_dict()
-  new = with_overrides(synthetic.get_config("method=supervised,variant=smoke"),
+  old = synthetic.get_config("method=supervised_reco,variant=smoke").to_dict()
+  new = with_overrides(synthetic.get_config("method=supervised_reco,variant=smoke"),
                        {"num_train_steps": 9, "input.eval_size": (48, 48), "reco.weight": 2.0})
   harmful, harmless = workdir_lib.config_differences(old, new.to_dict())
   assert set(harmful) == {"reco.weight"} and set(harmless) == {"num_train_steps", "input.eval_size"}
   workdir_lib.check_config(new.to_dict(), old, checkpoint_step=3, allow_changes=True)  # logged only
   with pytest.raises(errors.ConfigError, match=r"reco.weight: 1.0 -> 2.0"):
     workdir_lib.check_config(new.to_dict(), old, checkpoint_step=3)
+
+
+def test_sections_the_run_does_not_read_never_stop_a_resume():
+  """A workdir trained before a method existed (its section absent from the stored config), or
+  a changed default of another method, resumes; the same change to the run's own method or to
+  one of its auxiliary terms stops it."""
+  given = synthetic.get_config("method=pc2seg,variant=smoke").to_dict()
+  stored = synthetic.get_config("method=pc2seg,variant=smoke").to_dict()
+  del stored["memory_bank"]
+  stored["cac"]["temperature"] = 0.5
+  stored["reco"]["weight"] = 3.0
+  harmful, harmless = workdir_lib.config_differences(stored, given)
+  assert not harmful and {"memory_bank.dim", "cac.temperature", "reco.weight"} <= set(harmless)
+  workdir_lib.check_config(given, stored, checkpoint_step=3)
+  stored["pc2seg"]["temperature"] = 0.5
+  with pytest.raises(errors.ConfigError, match=r"pc2seg.temperature: 0.5 -> 0.1"):
+    workdir_lib.check_config(given, stored, checkpoint_step=3)
+  # A different method is itself a harmful difference (and both methods' sections count).
+  other = synthetic.get_config("method=cac,variant=smoke").to_dict()
+  harmful, _ = workdir_lib.config_differences(stored, other)
+  assert "method" in harmful and "pc2seg.temperature" in harmful
 
 
 # ---- 3. one workdir, one run ------------------------------------------------------------------
