@@ -423,3 +423,18 @@ def test_bad_shapes_raise_one_line_errors():
   with pytest.raises(ValueError, match="neg_pix"):
     reco.reco_loss_from_draws(rep, labels, valid, np.zeros((5, 4), np.int32),
                               np.zeros((5, 3, 2), np.int32))
+
+
+def test_a_zero_representation_gets_a_finite_gradient():
+  """A query pixel whose representation is exactly 0 (all-zero ReLU features and a zero bias,
+  common early in training) gets torch's finite `F.normalize` gradient (1/eps scale), not
+  sqrt'(0)·0 = NaN, which once made a toy mean-teacher + ReCo step's gradient NaN."""
+  rng = np.random.default_rng(0)
+  rep = jnp.asarray(rng.normal(size=(1, 2, 4, 3)), jnp.float32).at[0, 0, 0].set(0.0)
+  labels = jnp.asarray([[[0, 0, 0, 0], [1, 1, 1, 1]]], jnp.int32)
+  valid = jnp.ones((1, 2, 4), bool)
+  query_pix = jnp.asarray([[0, 1], [4, 5]], jnp.int32)  # pixel 0 (the zero vector) is a query
+  neg_pix = jnp.asarray([[[4, 5], [6, 7]], [[0, 1], [2, 3]]], jnp.int32)
+  grad = jax.grad(lambda r: reco.reco_loss_from_draws(r, labels, valid, query_pix, neg_pix))(rep)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  assert np.any(np.asarray(grad)[0, 0, 0] != 0)

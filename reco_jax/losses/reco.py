@@ -107,10 +107,20 @@ def prepare_reco_inputs(labels: jax.Array, valid: jax.Array,
 # ----------------------------------------------------------------------------------------
 # Class statistics shared by the sampler and the loss.
 # ----------------------------------------------------------------------------------------
+def _clamped_norm(squared: jax.Array) -> jax.Array:
+  """`max(sqrt(s), 1e-8)` with a finite gradient at s = 0: a zero vector (a pixel whose
+  representation is exactly 0, e.g. all-ReLU-zero features and a zero bias early in
+  training) gets torch's gradient instead of sqrt'(0)·0 = NaN. The inner `where` keeps the
+  square root away from 0 (the double-where idiom); the values, bit for bit, are those of
+  `max(sqrt(s), eps)` (the regression fixtures check it)."""
+  positive = squared > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+  return jnp.maximum(norm, _COSINE_EPS)
+
+
 def _normalize(x: jax.Array) -> jax.Array:
   """`x / max(|x|, 1e-8)` along the last axis (torch >= 1.12 cosine similarity)."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, _COSINE_EPS)
+  return x / _clamped_norm(jnp.sum(x * x, axis=-1, keepdims=True))
 
 
 def _flatten_inputs(rep: jax.Array, labels: jax.Array, valid: jax.Array, num_classes: int,
@@ -479,7 +489,7 @@ def reco_loss_from_draws(rep: jax.Array, labels: jax.Array, valid: jax.Array,
 
   anchors_n = _normalize(rep_flat[query_pix])  # [C,Q,D], the only gradient path.
   bank = jax.lax.stop_gradient(rep_flat)
-  inv_norm = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(bank * bank, axis=1)), _COSINE_EPS)
+  inv_norm = 1.0 / _clamped_norm(jnp.sum(bank * bank, axis=1))
   chunk = _query_chunk(num_queries, neg_shape[2], dim)
   losses = _per_class_losses(anchors_n, _normalize(mu), active, bank, inv_norm, neg_pix,
                              float(temperature), chunk)
