@@ -29,6 +29,9 @@ HARMLESS_FIELDS = (
     "num_train_steps",  # a longer run (a shorter one than the checkpoint is an error)
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "keep_best_checkpoint", "num_eval_images_to_log",
+    # Runs after the last step and writes only the best checkpoint: the resume checkpoints
+    # mean the same with any value. (reload_best_patience_steps changes the trajectory.)
+    "bn_reestimation_steps",
     "eval_absent_classes", "eval.",  # the evaluation protocol
     "input.data_dir", "input.manual_dir",  # where the same data lives
     "input.num_threads", "input.prefetch",
@@ -101,6 +104,19 @@ def unread_sections(stored: dict, given: dict) -> set[str]:
   return (set(methods.known_methods()) | set(auxiliary.TERMS)) - used
 
 
+def _defaults() -> dict:
+  """Every field's default (configs/common.py: base_config), flattened."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  return flatten(common.base_config().to_dict())
+
+
+def _added_at_default(name: str, change: tuple, defaults: dict) -> bool:
+  """A field the checkpoint's config did not have yet, given at its default: new features
+  default to the behaviour that came before them, so an older workdir resumes."""
+  old, new = change
+  return old == "<absent>" and name in defaults and defaults[name] == new
+
+
 def config_differences(stored: dict, given: dict) -> tuple[dict, dict]:
   """(harmful, harmless) differences {dotted name: (stored, given)} of two config dicts.
 
@@ -111,8 +127,10 @@ def config_differences(stored: dict, given: dict) -> tuple[dict, dict]:
   diffs = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
            if old.get(k, missing) != new.get(k, missing)}
   unread = unread_sections(stored, given)
+  defaults = _defaults()
   harmful = {k: v for k, v in diffs.items()
-             if not _harmless(k) and k.split(".", 1)[0] not in unread}
+             if not _harmless(k) and k.split(".", 1)[0] not in unread
+             and not _added_at_default(k, v, defaults)}
   return harmful, {k: v for k, v in diffs.items() if k not in harmful}
 
 

@@ -267,3 +267,16 @@ def test_verbose_errors_show_the_traceback(tmp_path):
   proc = _main(tmp_path, SUPERVISED_SMOKE, "--config.log_every_steps=0", "--verbose_errors")
   assert proc.returncode == 1 and "Traceback" in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: config log_every_steps=0")
+
+
+def test_a_field_added_since_the_checkpoint_at_its_default_does_not_stop_a_resume():
+  """A workdir written before a trainer option existed resumes when the option is at its
+  default (new options default to the earlier behaviour); set to anything else, it stops."""
+  given = synthetic.get_config("method=supervised,variant=smoke").to_dict()
+  stored = synthetic.get_config("method=supervised,variant=smoke").to_dict()
+  del stored["reload_best_patience_steps"]
+  harmful, harmless = workdir_lib.config_differences(stored, given)
+  assert not harmful and "reload_best_patience_steps" in harmless
+  given["reload_best_patience_steps"] = 500
+  harmful, _ = workdir_lib.config_differences(stored, given)
+  assert set(harmful) == {"reload_best_patience_steps"}
