@@ -3,7 +3,9 @@
 Trains each method with `main.py` on the same labelled subset (`--num_labeled` of the 367
 training images, chosen class-balanced by `input_pipeline/splits.py`; the other images form
 the unlabelled stream of the mean-teacher methods) and prints a table of the **val** mIoU
-(last and best evaluation, teacher for the mean-teacher methods) and the wall time:
+(last and best evaluation, teacher for the mean-teacher methods) and the wall time, and writes
+the runs' loss and mIoU curves and last per-class IoU next to it, to
+`<workdir>/camvid_label_efficiency.png` (`reco_jax/tools/plot.py`):
 
   python -m benchmarks.camvid_label_efficiency --workdir=runs/camvid_le
   python -m benchmarks.camvid_label_efficiency --workdir=runs/camvid_le --table_only
@@ -22,7 +24,10 @@ import subprocess
 import sys
 import time
 
+from reco_jax.tools import plot
+
 REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
+FIGURE = "camvid_label_efficiency.png"  # written into --workdir, next to the runs
 METHODS = ("supervised", "classmix", "classmix_reco", "cac", "s4gan", "pc2seg")  # presets of configs/common.py
 
 
@@ -84,6 +89,14 @@ def main() -> None:
     minutes = timings.get(method)
     wall = f"{minutes / 60:.1f}" if minutes is not None else "-"
     print(f"| {method} | {last['step']} | {last['miou']:.4f} | {best:.4f} | {wall} |")
+
+  plotted = [os.path.join(args.workdir, m) for m in method_list
+             if os.path.exists(os.path.join(args.workdir, m, "metrics.jsonl"))]
+  if plotted:
+    figure = os.path.join(args.workdir, FIGURE)
+    plot.plot_workdirs(plotted, figure, title=f"CamVid val, {args.num_labeled} labelled of 367 "
+                       f"training images, seed {args.seed}")
+    print(f"\ncurves: {figure}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ METHOD_PRESETS = {
     "s4gan": {"method": "s4gan", "mix": None, "aux_losses": ()},
     # PC²Seg (Zhong et al., ICCV 2021; no public code); settings in config.pc2seg.
     "pc2seg": {"method": "pc2seg", "mix": None, "aux_losses": ()},
+    # ReCo + ClassMix with Alonso et al.'s memory-bank terms as a second auxiliary term.
+    "classmix_reco_memory_bank": {"method": "mean_teacher", "mix": "classmix",
+                                  "aux_losses": ("reco", "memory_bank")},
     # SemiSeg-Contrastive trainSSL.py (Alonso et al., ICCV 2021); settings in config.memory_bank.
     "memory_bank": {"method": "memory_bank", "mix": None, "aux_losses": ()},
 }
@@ -282,10 +285,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 300
   config.max_checkpoints_to_keep = 2
   config.keep_best_checkpoint = True
+  # > 0: after an evaluation, when the best mIoU has not improved for this many steps (since
+  # the best checkpoint or the last reload), the evaluated weights go back to the best
+  # checkpoint's and training continues (step, optimiser, the method's state continue);
+  # trainSSL.py: T/5 iterations. 0 = off. Needs keep_best_checkpoint.
+  config.reload_best_patience_steps = 0
+  # > 0: at the end, this many train-mode forwards of the evaluated model over the unlabelled
+  # stream (else the labelled one) re-estimate its BatchNorm statistics; the result is
+  # evaluated and kept in the best checkpoint only if better (trainSSL.py: 1000). 0 = off.
+  config.bn_reestimation_steps = 0
   config.num_eval_images_to_log = 4
   # A class absent from both GT and predictions has IoU 0/0: 'nan' is the official
   # behaviour (mIoU becomes NaN), 'exclude' leaves it out of the mean (README).
   config.eval_absent_classes = "exclude"
+  # ---- evaluation metrics beyond mIoU (README: Evaluation and analysis) -------------------
+  config.eval = ml_collections.ConfigDict()
+  # Boundary IoU (Cheng et al., CVPR 2021) at these widths in pixels, reported as
+  # boundary_miou_<d>px; () turns it off. Every evaluation (reco_jax/evaluate.py).
+  config.eval.boundary_widths = (5, 7, 10)
   return config
 
 

@@ -27,17 +27,33 @@ def predict(apply_fn: Callable, variables: PyTree, images: jax.Array, out_size: 
   return resampling.resize_bilinear_align_corners(logits.astype(jnp.float32), out_size)
 
 
-def eval_step(variables: PyTree, batch: dict, *, apply_fn: Callable, num_classes: int):
-  """Confusion matrix `i32[C,C]` and predictions `i32[B,H,W]` of one padded batch."""
+def eval_step(variables: PyTree, batch: dict, *, apply_fn: Callable, num_classes: int,
+              boundary_widths: tuple[int, ...] = ()):
+  """Counts and predictions `i32[B,H,W]` of one padded batch.
+
+  The counts are {'confusion_matrix': `i32[C,C]`} plus, with `boundary_widths`,
+  'boundary': {d: `i32[2,C]`} (boundary intersection and union per class,
+  `metrics.boundary_iou_counts`); the split's metrics come from their sums.
+  """
   logits = predict(apply_fn, variables, batch["image"], batch["label"].shape[1:3])
   predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  confmat = seg_metrics.confusion_matrix(predictions, batch["label"], num_classes,
-                                         weights=batch["mask"][:, None, None])
-  return confmat, predictions
+  weights = batch["mask"][:, None, None]
+  counts = {"confusion_matrix": seg_metrics.confusion_matrix(predictions, batch["label"], num_classes,
+                                                             weights=weights)}
+  if boundary_widths:
+    boundary = seg_metrics.boundary_iou_counts(predictions, batch["label"], num_classes,
+                                               boundary_widths, weights=weights)
+    counts["boundary"] = dict(zip(boundary_widths, boundary))
+  return counts, predictions
 
 
-def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable, num_classes: int):
-  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, num_classes=num_classes),
+def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable, num_classes: int,
+                   boundary_widths: tuple[int, ...] = ()):
+  """The jitted `eval_step` (batch sharded over `data`, counts replicated); boundary IoU at
+  `boundary_widths` (config `eval.boundary_widths`; () skips it)."""
+  boundary_widths = seg_metrics.check_boundary_widths(boundary_widths)
+  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, num_classes=num_classes,
+                                   boundary_widths=boundary_widths),
                  in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)),
                  out_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)))
 
@@ -61,17 +77,22 @@ def run_evaluation(step_fn: Callable, variables: PyTree, batches: Iterator[dict]
 
   Returns:
     (metrics, samples): metrics has 'miou', 'pixel_accuracy', 'iou' (f64[C]) and
-    'confusion_matrix'; samples has up to `num_images` host-local 'image', 'label',
-    'prediction' arrays for visualisation.
+    'confusion_matrix', and when the step counts boundaries (`make_eval_step`'s
+    `boundary_widths`) 'boundary_miou' {d: float}, 'boundary_iou' {d: f64[C]} and
+    'boundary_counts' {d: int[2,C]}; samples has up to `num_images` host-local 'image',
+    'label', 'prediction' arrays for visualisation.
   """
-  confmat = None
+  counts = None
   samples: dict = {}
   for local_batch in batches:
     batch = parallel.to_global_batch(local_batch, mesh)
-    batch_confmat, predictions = step_fn(variables, batch)
+    batch_counts, predictions = step_fn(variables, batch)
+    if not isinstance(batch_counts, dict):  # a step that returns the confusion matrix only
+      batch_counts = {"confusion_matrix": batch_counts}
     # Sync each step: back-to-back collective programs can deadlock on CPU (design.md §2.5).
-    batch_confmat = np.asarray(jax.device_get(batch_confmat))
-    confmat = batch_confmat if confmat is None else confmat + batch_confmat
+    # int64 on the host: a large split's pixel counts can pass 2**31.
+    batch_counts = jax.tree.map(lambda x: np.asarray(x, np.int64), jax.device_get(batch_counts))
+    counts = batch_counts if counts is None else jax.tree.map(np.add, counts, batch_counts)
     have = len(samples.get("image", ()))
     if have < num_images:
       take = num_images - have
@@ -79,18 +100,26 @@ def run_evaluation(step_fn: Callable, variables: PyTree, batches: Iterator[dict]
              "prediction": _process_local_rows(predictions)[:take]}
       new = {k: v[local_batch["mask"][:take]] for k, v in new.items()}
       samples = {k: np.concatenate([samples[k], v]) if k in samples else v for k, v in new.items()}
-  if confmat is None:
+  if counts is None:
     raise ValueError("the evaluation split produced no batches")
-  results = seg_metrics.segmentation_metrics(confmat, absent_classes)
-  results["confusion_matrix"] = confmat
+  results = seg_metrics.segmentation_metrics(counts["confusion_matrix"], absent_classes)
+  results["confusion_matrix"] = counts["confusion_matrix"]
+  if counts.get("boundary"):
+    results.update(seg_metrics.boundary_iou_metrics(counts["boundary"], absent_classes))
+    results["boundary_counts"] = counts["boundary"]
   return results, samples
 
 
 def flat_eval_scalars(results: dict, class_names: tuple[str, ...]) -> dict:
-  """{'miou', 'pixel_accuracy', 'iou/<class>'} as floats for logging."""
+  """{'miou', 'pixel_accuracy', 'iou/<class>'} and, when evaluated, 'boundary_miou_<d>px'
+  and 'boundary_iou_<d>px/<class>', as floats for logging."""
   scalars = {"miou": results["miou"], "pixel_accuracy": results["pixel_accuracy"]}
   for name, value in zip(class_names, results["iou"]):
     scalars[f"iou/{name}"] = float(value)
+  for width, miou in results.get("boundary_miou", {}).items():
+    scalars[f"boundary_miou_{width}px"] = float(miou)
+    for name, value in zip(class_names, results["boundary_iou"][width]):
+      scalars[f"boundary_iou_{width}px/{name}"] = float(value)
   return scalars
 
 
@@ -109,6 +138,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   from reco_jax import checkpointing, train
   from reco_jax import workdir as workdir_lib
 
+  boundary_widths = seg_metrics.check_boundary_widths(config.eval.boundary_widths)  # fail early
   mesh = parallel.create_mesh()
   info, method = train.build(config)
   parallel.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
@@ -132,15 +162,19 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
       config.input, split=config.input.eval_split,
       local_batch_size=parallel.local_batch_size(config.input.eval_batch_size),
       process_index=jax.process_index(), process_count=jax.process_count())
-  step_fn = make_eval_step(mesh, method.apply_fn, info.num_classes)
+  step_fn = make_eval_step(mesh, method.apply_fn, info.num_classes,
+                           boundary_widths=boundary_widths)
   results, _ = run_evaluation(step_fn, variables, batches_fn(), mesh, info.num_classes,
                               config.eval_absent_classes)
   scalars = flat_eval_scalars(results, info.class_names)
   scalars["step"] = step
   if jax.process_index() == 0:
     path = os.path.join(workdir, f"eval_{config.input.eval_split}.json")
+    boundary_counts = {f"{width}px": {"intersection": c[0].tolist(), "union": c[1].tolist()}
+                       for width, c in results.get("boundary_counts", {}).items()}
     with open(path, "w") as f:
       json.dump({**scalars, "split": config.input.eval_split,
-                 "confusion_matrix": results["confusion_matrix"].tolist()}, f, indent=1)
+                 "confusion_matrix": results["confusion_matrix"].tolist(),
+                 **({"boundary_counts": boundary_counts} if boundary_counts else {})}, f, indent=1)
     logging.info("Wrote %s", path)
   return scalars

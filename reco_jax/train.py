@@ -9,6 +9,12 @@ Nothing here knows which method trains: the method (reco_jax/methods) supplies t
 streams, its extra state, the loss, what happens after the update and the weights to
 evaluate. The step is `value_and_grad(method.loss)` -> optimiser update ->
 `method.after_update` (whose metrics, if any, join the step's).
+
+Two loop options of Alonso et al.'s trainSSL.py, off by default and method-agnostic:
+`reload_best_patience_steps` puts the best checkpoint's weights back into the state
+(`method.load_eval_variables`) when the best mIoU has not improved for that many steps, and
+`bn_reestimation_steps` re-estimates the evaluated model's BatchNorm statistics at the end
+and keeps the result in the best checkpoint if it evaluates better.
 """
 import functools
 import json
@@ -29,6 +35,7 @@ from input_pipeline import datasets
 from reco_jax import checkpointing, console, evaluate, methods, models, optim, parallel, reporting
 from reco_jax import workdir as workdir_lib
 from reco_jax.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from reco_jax.methods import base as methods_base
 from reco_jax.tools import import_weights
 from reco_jax.train_state import TrainState
 
@@ -67,6 +74,44 @@ def make_train_step(mesh: jax.sharding.Mesh, method: methods.Method, seed: int):
                  in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)),
                  out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
                  donate_argnums=(0,))
+
+
+def bn_update_step(variables: PyTree, images: jax.Array, key: jax.Array, *,
+                   apply_fn) -> PyTree:
+  """One train-mode forward of `variables` ({'params', 'batch_stats'}) on `images`
+  `f32[B,H,W,3]`, no gradient: the new BatchNorm running statistics (moved with each
+  module's momentum, as a training forward moves them). `key` feeds a dropout the model may
+  run in train mode."""
+  _, updates = apply_fn(variables, images, train=True, mutable=["batch_stats"],
+                        rngs={"dropout": key})
+  return updates.get("batch_stats", {})
+
+
+def make_bn_update_step(mesh: jax.sharding.Mesh, apply_fn):
+  """`bn_update_step` compiled with the variables and key replicated, the images sharded."""
+  return jax.jit(functools.partial(bn_update_step, apply_fn=apply_fn),
+                 in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh),
+                               parallel.replicated(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def bn_stream(method: methods.Method) -> str:
+  """The stream whose images re-estimate the BatchNorm statistics: the unlabelled one when
+  the method reads it (official: the unlabelled loader), else the labelled one."""
+  streams = method.streams()
+  return methods_base.UNLABELED if methods_base.UNLABELED in streams else methods_base.LABELED
+
+
+def should_reload_best(step: int, best_step: int | None, last_reload_step: int | None,
+                       patience: int) -> bool:
+  """Whether the evaluation of `step` reloads the best checkpoint: the best mIoU has not
+  improved for at least `patience` steps since the best checkpoint's step `best_step`, nor
+  since the last reload (official: the counter restarts after a reload). Off for
+  `patience` 0 and before any best checkpoint exists."""
+  if patience <= 0 or best_step is None:
+    return False
+  since = best_step if last_reload_step is None else max(best_step, last_reload_step)
+  return step - since >= patience
 
 
 def build(config: ml_collections.ConfigDict) -> tuple[datasets.DatasetInfo, methods.Method]:
@@ -161,6 +206,19 @@ def check_loop_fields(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config {name}={value!r} must be a positive int")
 
 
+def check_best_fields(config: ml_collections.ConfigDict) -> None:
+  """One-line ConfigError for the best-checkpoint options: non-negative ints (0 = off), and
+  on only with keep_best_checkpoint=True (the reload reads the best checkpoint, the
+  re-estimated statistics are kept in it)."""
+  for name in ("reload_best_patience_steps", "bn_reestimation_steps"):
+    value = config.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f"config {name}={value!r} must be a non-negative int (0 = off)")
+    if value and not config.keep_best_checkpoint:
+      raise ConfigError(f"config {name}={value} needs keep_best_checkpoint=True (got "
+                        f"{config.keep_best_checkpoint!r}): it works on the best checkpoint")
+
+
 def _check_finite(metrics: dict, step: int, manager) -> None:
   loss = metrics["loss"]
   if not np.isfinite(loss):
@@ -186,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The last evaluation's scalar metrics (with 'best_miou').
   """
   check_loop_fields(config)
+  check_best_fields(config)
   os.makedirs(workdir, exist_ok=True)
   in_flight = []  # checkpoint managers whose background saves must finish before we leave
   with workdir_lib.WorkdirLock(workdir, jax.process_index()), _StopOnSigterm() as stop:
@@ -225,9 +284,9 @@ class _StopOnSigterm:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
-def _save_and_stop(manager, step: int, state: TrainState, config, saved: bool) -> None:
+def _save_and_stop(manager, step: int, state: TrainState, config, loop: dict, saved: bool) -> None:
   if not saved:
-    checkpointing.save_state(manager, step, state, config)
+    checkpointing.save_state(manager, step, state, config, loop)
   manager.wait_until_finished()
   raise TrainingInterrupted(f"stopped by SIGTERM after step {step}; checkpoint {step} is saved "
                             f"in {manager.directory}; the same command resumes from it")
@@ -258,6 +317,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     state = checkpointing.restore_state(manager, abstract)
     logging.info("Resumed from step %d of %s", int(state.step), manager.directory)
   start_step = int(jax.device_get(state.step))
+  # The loop's decisions outside the state (best-checkpoint reloads), saved with each
+  # checkpoint so that a resumed run reloads when an uninterrupted one would.
+  loop = {"reloads": 0, "last_reload_step": None}
+  if latest is not None:
+    loop.update(checkpointing.restore_loop(manager, latest))
   best_manager = checkpointing.create_best_manager(workdir) if config.keep_best_checkpoint else None
   if best_manager is not None:
     in_flight.append(best_manager)
@@ -291,7 +355,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
       local_batch_size=parallel.local_batch_size(config.input.eval_batch_size),
       process_index=jax.process_index(), process_count=jax.process_count())
   p_train_step = make_train_step(mesh, method, config.seed)
-  p_eval_step = evaluate.make_eval_step(mesh, method.apply_fn, info.num_classes)
+  p_eval_step = evaluate.make_eval_step(mesh, method.apply_fn, info.num_classes,
+                                        boundary_widths=config.eval.boundary_widths)
 
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=logger.writer,
                                            every_steps=config.log_every_steps)
@@ -299,6 +364,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
   window: list[dict] = []
   last_eval: dict = {}
   best_miou = _previous_best(best_manager)
+  best_step = best_manager.best_step() if best_manager is not None else None
+  patience = config.get("reload_best_patience_steps", 0)
+  bn_steps = config.get("bn_reestimation_steps", 0)
+
+  def run_eval(variables: PyTree) -> tuple[dict, dict]:
+    results, samples = evaluate.run_evaluation(
+        p_eval_step, variables, eval_batches(), mesh, info.num_classes,
+        config.eval_absent_classes, config.num_eval_images_to_log)
+    return evaluate.flat_eval_scalars(results, info.class_names), samples
   num_steps = config.num_train_steps
   lr_schedule = optim.create_lr_schedule(config.optim, num_steps)
   progress = console.TrainProgress(num_steps, start_step, config.log_every_steps)
@@ -321,15 +395,37 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     if step % config.eval_every_steps == 0 or step == num_steps:
       with report.timed("eval"):
         variables = method.eval_variables(state)
-        results, samples = evaluate.run_evaluation(
-            p_eval_step, variables, eval_batches(), mesh, info.num_classes,
-            config.eval_absent_classes, config.num_eval_images_to_log)
-      last_eval = evaluate.flat_eval_scalars(results, info.class_names)
+        last_eval, samples = run_eval(variables)
       if best_manager is not None and np.isfinite(last_eval["miou"]) and last_eval["miou"] > best_miou:
         checkpointing.save_best(best_manager, step, variables, {"miou": last_eval["miou"], "step": step})
+        best_step = step
       if np.isfinite(last_eval["miou"]):
         best_miou = max(best_miou, last_eval["miou"])
+      if step == num_steps and bn_steps:
+        # Official: re-estimate, evaluate, keep only a better result (the training state
+        # and its checkpoint keep the trained statistics).
+        with report.timed("bn_reestimation"):
+          bn_miou, bn_variables = _reestimate_batch_norm(
+              variables, train_iters[bn_stream(method)], make_bn_update_step(mesh, method.apply_fn),
+              run_eval, mesh, bn_steps, jax.random.fold_in(jax.random.key(config.seed), num_steps))
+        last_eval["bn_reestimated_miou"] = bn_miou
+        kept = bool(np.isfinite(bn_miou) and bn_miou > best_miou)
+        if kept:
+          checkpointing.save_best(best_manager, step, bn_variables,
+                                  {"miou": bn_miou, "step": step, "bn_reestimated": True})
+          best_miou, best_step = bn_miou, step
+        logging.info("step %d: BatchNorm statistics re-estimated over %d batches: mIoU %.4f (%s)",
+                     step, bn_steps, bn_miou, "kept as the best" if kept else "not better: discarded")
       last_eval["best_miou"] = best_miou
+      # No reload after the last evaluation: nothing trains afterwards.
+      if step < num_steps and should_reload_best(step, best_step, loop["last_reload_step"], patience):
+        state = method.load_eval_variables(state, checkpointing.restore_best_variables(
+            best_manager, checkpointing.abstract_like(variables, parallel.replicated(mesh))))
+        loop = {"reloads": loop["reloads"] + 1, "last_reload_step": step}
+        logging.info("step %d: no mIoU improvement since step %d: reloaded the best checkpoint "
+                     "(mIoU %.4f; reload %d)", step, best_step, best_miou, loop["reloads"])
+      if patience:
+        last_eval["reloads"] = loop["reloads"]
       logger.write_scalars(step, "eval", last_eval)
       if samples:
         logger.write_images(step, _visualisation(samples, info.palette))
@@ -338,10 +434,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     saved = step % config.checkpoint_every_steps == 0 or step == num_steps
     if saved:
       with report.timed("checkpoint"):
-        checkpointing.save_state(manager, step, state, config)
+        checkpointing.save_state(manager, step, state, config, loop)
     if stop.agreed() and step < num_steps:
       progress.close()
-      _save_and_stop(manager, step, state, config, saved)
+      _save_and_stop(manager, step, state, config, loop, saved)
   progress.close()
   manager.wait_until_finished()
   if best_manager is not None:
@@ -349,6 +445,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
   logger.flush()
   logger.close()
   return last_eval
+
+
+def _reestimate_batch_norm(variables: PyTree, batches, bn_step, run_eval, mesh: jax.sharding.Mesh,
+                           num_batches: int, key: jax.Array) -> tuple[float, PyTree]:
+  """`num_batches` train-mode forwards of `variables` over `batches` (a training stream's
+  iterator of host-local {'image', ...}), then one evaluation.
+
+  Returns:
+    (mIoU, variables): the parameters are the given arrays, only 'batch_stats' is new.
+  """
+  batch_stats = variables["batch_stats"]
+  for i in range(num_batches):
+    images = parallel.to_global_batch(next(batches)["image"], mesh)
+    batch_stats = bn_step({"params": variables["params"], "batch_stats": batch_stats}, images,
+                          jax.random.fold_in(key, i))
+    # Sync each pass: back-to-back collective programs can dead-lock on CPU (design.md §2.5).
+    jax.block_until_ready(batch_stats)
+  reestimated = {"params": variables["params"], "batch_stats": batch_stats}
+  scalars, _ = run_eval(reestimated)
+  return float(scalars["miou"]), reestimated
 
 
 def _previous_best(best_manager) -> float:

@@ -279,3 +279,33 @@ def test_own_class_selectors_equal_the_stacked_evaluation():
   np.testing.assert_array_equal(new_b["batch_stats"]["bn_mean"][4], stats["bn_mean"][4])
   for a, b in zip(jax.tree.leaves(grad_a), jax.tree.leaves(grad_b)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_bank_as_an_auxiliary_term_of_the_mean_teacher(single_device_mesh):
+  """`classmix_reco_memory_bank`: the mean teacher's model gains the heads, the memory lives in
+  extra['aux'] and fills from the teacher's view of the labelled batch, the weighted terms join
+  the loss, and a method without a teacher refuses the term in one line."""
+  from reco_jax import parallel, train
+  config = synthetic.get_config("method=classmix_reco_memory_bank,variant=smoke")
+  with_overrides(config, {"input.crop_size": (16, 16), "memory_bank.feature_source": "rep",
+                          "mean_teacher.quantize": False, "memory_bank.contrastive_start_step": 0})
+  method = methods.get_method(config, num_classes=8, model=toy_segmenter(8))
+  assert isinstance(method.model, method_lib.MemoryBankModel)
+  state = train.create_state(config, method, single_device_mesh)
+  assert int(jnp.sum(state.extra["aux"]["memory_bank"]["count"])) == 0
+  step = train.make_train_step(single_device_mesh, method, config.seed)
+  rng = np.random.RandomState(0)
+  for _ in range(2):
+    batch = {name: {"image": rng.randn(8, 16, 16, 3).astype(np.float32),
+                    "label": rng.randint(0, 8, (8, 16, 16)).astype(np.int32)}
+             for name in method.streams()}
+    state, metrics = step(state, parallel.to_global_batch(batch, single_device_mesh))
+  metrics = jax.device_get(metrics)
+  assert int(jnp.sum(state.extra["aux"]["memory_bank"]["count"])) > 0
+  assert metrics["memory_bank_contrastive_labeled"] > 0 and metrics["stateful_aux_loss"] > 0
+  np.testing.assert_allclose(metrics["loss"], metrics["sup_loss"] + metrics["unsup_loss"]
+                             + metrics["reco_loss"] + metrics["stateful_aux_loss"], rtol=1e-6)
+  config = synthetic.get_config("method=supervised,variant=smoke")
+  config.aux_losses = ("memory_bank",)
+  with pytest.raises(ValueError, match="'memory_bank' needs a teacher"):
+    methods.get_method(config, num_classes=8, model=toy_segmenter(8))

@@ -102,6 +102,7 @@ CONTRACT_PRESETS = [
     # CI's two cores; the default suite runs its blocks against the goldens and its phase
     # gates (test_memory_bank_method.py).
     pytest.param("memory_bank", marks=pytest.mark.slow),
+    pytest.param("classmix_reco_memory_bank", marks=pytest.mark.slow),
     pytest.param("cutout", marks=pytest.mark.slow), pytest.param("cutmix", marks=pytest.mark.slow),
     pytest.param("cutout_reco", marks=pytest.mark.slow),
     pytest.param("cutmix_reco", marks=pytest.mark.slow),
@@ -150,11 +151,14 @@ def _check_logged_losses(config, metrics: list[dict]) -> None:
   expected = {"loss", "sup_loss", "grad_norm"} | _METHOD_METRICS[config.method]
   expected |= {"reco_loss", "reco_query_classes"} if reco else set()
   expected |= {"aux_unlabeled_valid_fraction"} if reco and "unsup_loss" in expected else set()
+  if "memory_bank" in config.aux_losses:
+    expected |= {"stateful_aux_loss"} | {f"memory_bank_{k}" for k in (
+        "contrastive_labeled", "contrastive_unlabeled", "memory_filled_fraction", "memory_candidates")}
   for m in metrics:
     assert set(m) == expected
     assert all(np.isfinite(v) for v in m.values())
-    np.testing.assert_allclose(m["loss"], m["sup_loss"] + m.get("unsup_loss", 0.0) + m.get("reco_loss", 0.0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], m["sup_loss"] + m.get("unsup_loss", 0.0) + m.get("reco_loss", 0.0)
+                               + m.get("stateful_aux_loss", 0.0), rtol=1e-6)
     if reco:
       assert m["reco_loss"] > 0
     if config.method == "cac":  # both directions summed, weight 0.1; the smoke γ=0 selects pixels

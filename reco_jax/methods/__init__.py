@@ -17,6 +17,8 @@ The trainer, the evaluator and the checkpoints only use the `Method` interface (
                                          computes (S4GAN's discriminator loss); default: none
   eval_variables(state)               -> {'params', 'batch_stats'} that evaluate and the best
                                          checkpoint use
+  load_eval_variables(state, v)       -> state with `v` put where eval_variables reads it
+                                         (config.reload_best_patience_steps)
   description                         -> one line for `--list` and the logs
 
 The generic step is `value_and_grad(method.loss)` -> optimiser update ->

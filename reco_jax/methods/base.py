@@ -28,6 +28,9 @@ def check_choice(config: Any, key: str, known: tuple[str, ...]) -> str:
 
 
 LABELED = "labeled"
+# The unlabelled stream's conventional name (the methods that read unlabelled images call
+# it so); the trainer's BatchNorm re-estimation prefers it (train.bn_stream).
+UNLABELED = "unlabeled"
 # The official labelled stream: the labelled subset with the full augmentation of build_data.py.
 LABELED_STREAM = datasets.Stream(subset="labeled", augment=True)
 
@@ -99,6 +102,16 @@ class Method:
     """{'params', 'batch_stats'} to evaluate (and keep as the best checkpoint). Must only
     select from `state` (it is also applied to abstract states)."""
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+  def load_eval_variables(self, state, variables: PyTree):
+    """The state with `variables` ({'params', 'batch_stats'} shaped as `eval_variables`'s,
+    e.g. the best checkpoint's) put where `eval_variables` reads them, so that
+    `eval_variables(load_eval_variables(state, v))` is `v`. The trainer's best-checkpoint
+    reload (`config.reload_best_patience_steps`) calls it eagerly; the step counter, the
+    optimiser state and whatever else the method keeps continue. A method that overrides
+    `eval_variables` overrides this too. Place each given buffer once (copy it for a second
+    place): the state is donated to the step."""
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
   # ---- helpers for subclasses --------------------------------------------------------------
 

@@ -120,11 +120,13 @@ class MeanTeacher(base.Method):
     return {base.LABELED: base.LABELED_STREAM, UNLABELED: UNLABELED_STREAM}
 
   def init_extra(self, key, variables):
-    del key
     # Copies, not the student's buffers: aliased buffers plus state donation make XLA donate
     # one buffer twice.
-    return {"params": jax.tree.map(jnp.copy, variables["params"]),
-            "batch_stats": jax.tree.map(jnp.copy, variables.get("batch_stats", {}))}
+    extra = {"params": jax.tree.map(jnp.copy, variables["params"]),
+             "batch_stats": jax.tree.map(jnp.copy, variables.get("batch_stats", {}))}
+    if self.aux_losses.stateful:
+      extra["aux"] = self.aux_losses.init_state(key, variables)
+    return extra
 
   def pseudo_label(self, teacher: dict, unlabeled: dict, key: jax.Array) -> tuple[dict, dict]:
     """Teacher pseudo-labels, then the official strong augmentation (steps 3-6).
@@ -197,11 +199,26 @@ class MeanTeacher(base.Method):
       loss = loss + aux_total
       metrics.update(aux_metrics)
       metrics["aux_unlabeled_valid_fraction"] = jnp.mean(valid_u.astype(jnp.float32))
+    aux = {}
+    if self.aux_losses.stateful:
+      # Terms with state (the class-wise memory bank): they see the whole step and may move
+      # the student's and the teacher's BatchNorm statistics (their heads, a teacher pass).
+      ctx = auxiliary.StepContext(
+          model=self.model, params=params, batch_stats=batch_stats,
+          teacher={"params": state.extra["params"], "batch_stats": teacher_batch_stats},
+          step=state.step, images_l=labeled["image"], labels_l=labeled["label"], out_l=out_l,
+          out_u=out_u, labels_u=unlabeled["label"])
+      stateful_total, stateful_metrics, aux["aux"], batch_stats, teacher_batch_stats = (
+          self.aux_losses.apply_stateful(jax.random.fold_in(key, 1), ctx, state.extra["aux"]))
+      loss = loss + stateful_total
+      metrics.update(stateful_metrics)
+      metrics["stateful_aux_loss"] = stateful_total
     metrics["loss"] = loss
     metrics["pseudo_label_confident_fraction"] = jax.lax.stop_gradient(jnp.mean(
         (unlabeled["confidence"] >= s.strong_threshold).astype(jnp.float32)))
     metrics["ema_decay"] = ema.ema_decay(state.step, s.ema_decay_max)
-    return loss, (metrics, {"batch_stats": batch_stats, "teacher_batch_stats": teacher_batch_stats})
+    return loss, (metrics, {"batch_stats": batch_stats, "teacher_batch_stats": teacher_batch_stats,
+                            **aux})
 
   def after_update(self, state, aux, key):
     """EMA of the parameters; t = number of previous updates = state.step - 1. The teacher's
@@ -215,7 +232,10 @@ class MeanTeacher(base.Method):
     if s.ema_batch_stats:
       teacher_batch_stats = ema.ema_update(state.extra["batch_stats"], state.batch_stats,
                                            num_updates, s.ema_decay_max)
-    return state.replace(extra={"params": teacher_params, "batch_stats": teacher_batch_stats})
+    extra = {"params": teacher_params, "batch_stats": teacher_batch_stats}
+    if "aux" in aux:
+      extra["aux"] = aux["aux"]
+    return state.replace(extra=extra)
 
   def eval_variables(self, state):
     """The teacher (official), or the student with mean_teacher.eval_use_teacher=False."""
@@ -223,7 +243,22 @@ class MeanTeacher(base.Method):
       return {"params": state.extra["params"], "batch_stats": state.extra["batch_stats"]}
     return super().eval_variables(state)
 
+  def load_eval_variables(self, state, variables):
+    """With eval_use_teacher, the evaluated (and so the best) weights are the teacher's: the
+    teacher *and* the student restart from them. Resetting the teacher alone would not last:
+    the EMA pulls it back to the unchanged student within about 1/(1 - ema_decay_max) steps.
+    (Alonso et al. reload the weights they evaluate, the student, and their teacher
+    continues: what the default does with eval_use_teacher=False.) The student is a copy,
+    as at the start (`init_extra`)."""
+    if not self.settings.eval_use_teacher:
+      return super().load_eval_variables(state, variables)
+    teacher = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return state.replace(params=jax.tree.map(jnp.copy, variables["params"]),
+                         batch_stats=jax.tree.map(jnp.copy, variables["batch_stats"]),
+                         extra={**state.extra, **teacher})
+
 
 def create(config: ml_collections.ConfigDict, *, num_classes: int, model) -> MeanTeacher:
-  return MeanTeacher(model, settings_from(config, num_classes),
-                     auxiliary.AuxLosses.from_config(config))
+  aux_losses = auxiliary.AuxLosses.from_config(config, num_classes, stateful_ok=True)
+  # Stateful terms may add heads (the memory bank's): the student and the teacher carry them.
+  return MeanTeacher(aux_losses.wrap_model(model), settings_from(config, num_classes), aux_losses)

@@ -117,10 +117,8 @@ class AugmentSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-  """Static hyper-parameters (config.memory_bank)."""
-  num_classes: int
-  crop_size: tuple[int, int]
+class TermSettings:
+  """The memory and its contrastive terms (config.memory_bank), shared with the auxiliary term."""
   elements_per_class: int
   memory_per_class: int
   confidence: float
@@ -128,10 +126,18 @@ class Settings:
   memory_weighting: str
   memory_start_step: int
   contrastive_start_step: int
-  classmix_start_step: int
-  ramp_up_steps: int
   labeled_contrastive_weight: float
   unlabeled_contrastive_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Static hyper-parameters of the method (config.memory_bank)."""
+  num_classes: int
+  crop_size: tuple[int, int]
+  terms: TermSettings
+  classmix_start_step: int
+  ramp_up_steps: int
   entropy_weight: float
   pseudo_label_power: float
   drop_background: bool
@@ -165,25 +171,32 @@ def elements_per_class(config: ml_collections.ConfigDict, num_classes: int) -> i
   return per_image * int(config.input.streams.labeled.batch_size)
 
 
-def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settings:
+def term_settings_from(config: ml_collections.ConfigDict, num_classes: int) -> TermSettings:
   c = config.memory_bank
-  for name in ("labeled_contrastive_weight", "unlabeled_contrastive_weight", "entropy_weight"):
+  for name in ("labeled_contrastive_weight", "unlabeled_contrastive_weight"):
     if float(c[name]) < 0:
       raise ValueError(f"config memory_bank.{name}={c[name]!r} must be >= 0")
   if int(c.memory_per_class) < 2:
     raise ValueError(f"config memory_bank.memory_per_class={c.memory_per_class!r} must be >= 2")
-  return Settings(
-      num_classes=num_classes, crop_size=tuple(int(x) for x in config.input.crop_size),
+  return TermSettings(
       elements_per_class=elements_per_class(config, num_classes),
-      memory_per_class=int(c.memory_per_class),
-      confidence=float(c.confidence),
+      memory_per_class=int(c.memory_per_class), confidence=float(c.confidence),
       ranking=base.check_choice(config, "memory_bank.ranking", bank_lib.RANKINGS),
       memory_weighting=base.check_choice(config, "memory_bank.memory_weighting", MEMORY_WEIGHTINGS),
       memory_start_step=int(c.memory_start_step),
       contrastive_start_step=int(c.contrastive_start_step),
-      classmix_start_step=int(c.classmix_start_step), ramp_up_steps=int(c.ramp_up_steps),
       labeled_contrastive_weight=float(c.labeled_contrastive_weight),
-      unlabeled_contrastive_weight=float(c.unlabeled_contrastive_weight),
+      unlabeled_contrastive_weight=float(c.unlabeled_contrastive_weight))
+
+
+def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settings:
+  c = config.memory_bank
+  if float(c.entropy_weight) < 0:
+    raise ValueError(f"config memory_bank.entropy_weight={c.entropy_weight!r} must be >= 0")
+  return Settings(
+      num_classes=num_classes, crop_size=tuple(int(x) for x in config.input.crop_size),
+      terms=term_settings_from(config, num_classes),
+      classmix_start_step=int(c.classmix_start_step), ramp_up_steps=int(c.ramp_up_steps),
       entropy_weight=float(c.entropy_weight), pseudo_label_power=float(c.pseudo_label_power),
       drop_background=bool(c.drop_background), num_train_steps=int(config.num_train_steps),
       weak=_augment_settings(c.weak), strong=_augment_settings(c.strong))
@@ -354,6 +367,55 @@ def contrastive_term(model: MemoryBankModel, params, batch_stats, contrast: jax.
   return loss, variables["batch_stats"]
 
 
+def memory_bank_terms(model: MemoryBankModel, params, batch_stats, teacher: dict, memory: dict,
+                      step: jax.Array, images_l: jax.Array, labels_l: jax.Array, out_l: dict,
+                      out_u: dict, labels_u: jax.Array, s: "TermSettings"
+                      ) -> tuple[jax.Array, dict, dict, dict, dict]:
+  """trainSSL.py steps 8-9: the memory update and the two contrastive terms, each in its phase.
+
+  Shared by the method and by the auxiliary term on the mean-teacher methods.
+
+  Args:
+    model: the student's MemoryBankModel (the teacher has the same architecture).
+    params, batch_stats: the student's (batch_stats after its forward passes).
+    teacher: {'params', 'batch_stats'} of the EMA teacher.
+    memory: {'features' f32[C,K,D], 'count' i32[C]}.
+    step: i32[] the iteration (0-based).
+    images_l, labels_l: the (augmented) labelled batch f32[B,H,W,3], i32[B,H,W] (-1 ignore).
+    out_l, out_u: the student's outputs (with 'contrast') on the labelled batch and on the
+      unlabelled views; labels_u: i32[B',H,W] the views' pseudo-labels (-1 ignore).
+  Returns:
+    (weighted contrastive loss f32[] (0 before `contrastive_start_step`), metrics
+     {'contrastive_labeled', 'contrastive_unlabeled', 'memory_filled_fraction',
+     'memory_candidates'}, new student batch_stats, new teacher batch_stats, new memory).
+  """
+  feature_hw = out_l["contrast"].shape[1:3]
+  out_t, updates = model.apply(teacher, images_l, train=True, mutable=["batch_stats"])
+  labels_down_l, candidates = memory_candidates(jax.lax.stop_gradient(out_t["logits"]), labels_l,
+                                                feature_hw, s.confidence)
+  new_memory, teacher_stats = teacher_memory_update(
+      model, {"params": teacher["params"], "batch_stats": updates["batch_stats"]}, memory,
+      jax.lax.stop_gradient(out_t["contrast"]), labels_down_l, candidates,
+      elements_per_class=s.elements_per_class, ranking=s.ranking)
+  memory_on = step > s.memory_start_step
+  memory = _select(memory_on, new_memory, memory)
+  teacher_stats = _select(memory_on, teacher_stats, teacher["batch_stats"])
+
+  contr_l, stats = contrastive_term(model, params, batch_stats, out_l["contrast"], labels_down_l,
+                                    labels_down_l >= 0, memory, s.memory_weighting)
+  labels_down_u = downsample_to(labels_u, out_u["contrast"].shape[1:3])
+  contr_u, stats = contrastive_term(model, params, stats, out_u["contrast"], labels_down_u,
+                                    labels_down_u >= 0, memory, s.memory_weighting)
+  contrast_on = step > s.contrastive_start_step
+  total = jnp.where(contrast_on, s.labeled_contrastive_weight * contr_l
+                    + s.unlabeled_contrastive_weight * contr_u, 0.0)
+  capacity = memory["features"].shape[1]
+  metrics = {"contrastive_labeled": contr_l, "contrastive_unlabeled": contr_u,
+             "memory_filled_fraction": jnp.mean(memory["count"] / capacity),
+             "memory_candidates": jnp.sum(candidates).astype(jnp.float32)}
+  return total, metrics, _select(contrast_on, stats, batch_stats), teacher_stats, memory
+
+
 def _select(gate: jax.Array, new, old):
   return jax.tree.map(lambda n, o: jnp.where(gate, n, o), new, old)
 
@@ -364,8 +426,9 @@ class MemoryBank(base.Method):
   def __init__(self, model: MemoryBankModel, settings: Settings):
     super().__init__(model)
     self.settings = settings
-    self.description = (f"class-wise memory bank (Alonso et al.; E={settings.elements_per_class}, "
-                        f"{settings.ranking} selection, {settings.memory_weighting} memory weights)")
+    t = settings.terms
+    self.description = (f"class-wise memory bank (Alonso et al.; E={t.elements_per_class}, "
+                        f"{t.ranking} selection, {t.memory_weighting} memory weights)")
 
   def streams(self):
     return {base.LABELED: LABELED_STREAM, UNLABELED: UNLABELED_STREAM}
@@ -373,7 +436,7 @@ class MemoryBank(base.Method):
   def init_extra(self, key, variables):
     del key
     dim = variables["params"]["projection_head"]["linear_1"]["kernel"].shape[-1]
-    capacity = self.settings.memory_per_class
+    capacity = self.settings.terms.memory_per_class
     return {"teacher": {"params": jax.tree.map(jnp.copy, variables["params"]),
                         "batch_stats": jax.tree.map(jnp.copy, variables["batch_stats"])},
             "memory": bank_lib.init_memory(self.settings.num_classes, capacity, dim)}
@@ -423,41 +486,19 @@ class MemoryBank(base.Method):
     entropy = bank_lib.entropy_loss(jax.nn.softmax(logits_u, axis=-1), labels_u >= 0)
     unsup_total = pseudo_ce + s.entropy_weight * entropy
 
-    # 6. Memory update from the teacher's view of the weak labelled batch.
-    feature_hw = out_l["contrast"].shape[1:3]
-    out_tl, updates = self.apply_fn(teacher, images_l, train=True, mutable=["batch_stats"])
-    labels_down_l, candidates = memory_candidates(jax.lax.stop_gradient(out_tl["logits"]), labels_l,
-                                                  feature_hw, s.confidence)
-    new_memory, teacher_stats = teacher_memory_update(
-        self.model, {"params": teacher["params"], "batch_stats": updates["batch_stats"]}, memory,
-        jax.lax.stop_gradient(out_tl["contrast"]), labels_down_l, candidates,
-        elements_per_class=s.elements_per_class, ranking=s.ranking)
-    memory_on = step > s.memory_start_step
-    memory = _select(memory_on, new_memory, memory)
-    teacher = {**teacher, "batch_stats": _select(memory_on, teacher_stats, teacher["batch_stats"])}
-
-    # 7. Contrastive terms against the (updated) memory.
-    valid_l = labels_down_l >= 0
-    contr_l, stats_c = contrastive_term(self.model, params, batch_stats, out_l["contrast"],
-                                        labels_down_l, valid_l, memory, s.memory_weighting)
-    labels_down_u = downsample_to(labels_u, out_u["contrast"].shape[1:3])
-    contr_u, stats_c = contrastive_term(self.model, params, stats_c, out_u["contrast"],
-                                        labels_down_u, labels_down_u >= 0, memory,
-                                        s.memory_weighting)
-    contrast_on = step > s.contrastive_start_step
-    unsup_total = unsup_total + jnp.where(contrast_on, s.labeled_contrastive_weight * contr_l
-                                          + s.unlabeled_contrastive_weight * contr_u, 0.0)
+    # 6-7. Memory update from the teacher's view of the weak labelled batch, then the
+    # contrastive terms against the updated memory.
+    contrast, parts, batch_stats, teacher_stats, memory = memory_bank_terms(
+        self.model, params, batch_stats, teacher, memory, step, images_l, labels_l, out_l,
+        out_u, labels_u, s.terms)
+    teacher = {**teacher, "batch_stats": teacher_stats}
+    unsup_total = unsup_total + contrast
     loss = sup + unsup_total
-    batch_stats = _select(contrast_on, stats_c, batch_stats)
 
-    capacity = memory["features"].shape[1]
     metrics = {
         "loss": loss, "sup_loss": sup, "unsup_loss": unsup_total, "pseudo_label_loss": pseudo_ce,
         "entropy_loss": entropy,
-        "contrastive_labeled": contr_l, "contrastive_unlabeled": contr_u,
-        "memory_filled_fraction": jnp.mean(memory["count"] / capacity),
-        "memory_candidates": jnp.sum(candidates).astype(jnp.float32),
-        "ema_decay": bank_lib.alonso_ema_decay(step, s.num_train_steps)}
+        **parts, "ema_decay": bank_lib.alonso_ema_decay(step, s.num_train_steps)}
     aux = {"batch_stats": batch_stats, "teacher_batch_stats": teacher["batch_stats"],
            "memory": memory}
     return loss, (metrics, aux)
@@ -475,10 +516,54 @@ class MemoryBank(base.Method):
 
 
 def create(config: ml_collections.ConfigDict, *, num_classes: int, model) -> MemoryBank:
-  c = config.memory_bank
-  dim = int(c.dim)
-  if dim <= 0:
-    raise ValueError(f"config memory_bank.dim={c.dim!r} must be positive")
+  if tuple(config.aux_losses):
+    raise ValueError(f"config aux_losses={tuple(config.aux_losses)!r} is not supported by method "
+                     f"memory_bank (its contrastive terms are built in)")
   return MemoryBank(MemoryBankModel(segmenter=model, num_classes=num_classes,
-                                    feature_source=feature_source(config), dim=dim),
+                                    feature_source=feature_source(config), dim=_dim(config)),
                     settings_from(config, num_classes))
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxTerm:
+  """The memory-bank terms as an auxiliary term of the mean-teacher methods
+  (`config.aux_losses=("reco", "memory_bank")` with `method=classmix_reco`, say).
+
+  The model gains the heads (`MemoryBankModel`), the memory lives in
+  `TrainState.extra['aux']['memory_bank']`, and each step runs `memory_bank_terms`: the
+  teacher's view of the labelled batch fills the memory, the student's labelled features
+  (GT) and unlabelled features (the method's augmented pseudo-labels, no confidence threshold,
+  as the official) are pulled toward it, with `memory_bank.*` weights and phases.
+  """
+  settings: TermSettings
+  num_classes: int
+  feature_source: str
+  dim: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> "AuxTerm":
+    return cls(settings=term_settings_from(config, num_classes), num_classes=num_classes,
+               feature_source=feature_source(config), dim=_dim(config))
+
+  def wrap_model(self, model) -> MemoryBankModel:
+    return MemoryBankModel(segmenter=model, num_classes=self.num_classes,
+                           feature_source=self.feature_source, dim=self.dim)
+
+  def init_state(self, key: jax.Array, variables) -> dict:
+    del key, variables
+    return bank_lib.init_memory(self.num_classes, self.settings.memory_per_class, self.dim)
+
+  def stateful_call(self, key: jax.Array, ctx, memory: dict):
+    """-> (weighted loss, metrics, new memory, student batch_stats, teacher batch_stats)."""
+    del key
+    total, metrics, batch_stats, teacher_stats, memory = memory_bank_terms(
+        ctx.model, ctx.params, ctx.batch_stats, ctx.teacher, memory, ctx.step, ctx.images_l,
+        ctx.labels_l, ctx.out_l, ctx.out_u, ctx.labels_u, self.settings)
+    return total, {f"memory_bank_{k}": v for k, v in metrics.items()}, memory, batch_stats, teacher_stats
+
+
+def _dim(config: ml_collections.ConfigDict) -> int:
+  dim = int(config.memory_bank.dim)
+  if dim <= 0:
+    raise ValueError(f"config memory_bank.dim={config.memory_bank.dim!r} must be positive")
+  return dim
