@@ -198,6 +198,7 @@ def test_sharded_eval_step_equals_single_device_and_reference(mesh, single_devic
   assert set(results["boundary_miou"]) == {1, 3}
 
 
+@pytest.mark.slow  # two main.py runs; the default suite checks the default widths in test_main.py
 def test_mode_eval_writes_boundary_iou(tmp_path):
   """A smoke run trained by main.py, evaluated with other widths (a harmless eval field)."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",

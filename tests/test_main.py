@@ -57,6 +57,10 @@ def test_train_then_eval_reproduces_the_final_miou(default_smoke_run):
     evaluated = json.load(f)
   np.testing.assert_allclose(evaluated["miou"], evals[-1]["miou"], rtol=1e-6)
   assert evaluated["step"] == 3
+  # Boundary IoU at the default widths, in the training evaluations and in --mode=eval.
+  for width in (5, 7, 10):
+    np.testing.assert_allclose(evaluated[f"boundary_miou_{width}px"],
+                               evals[-1][f"boundary_miou_{width}px"], rtol=1e-6)
 
 
 def test_four_devices_write_the_same_losses_as_one(default_smoke_run, tmp_path):
