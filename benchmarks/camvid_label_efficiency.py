@@ -28,7 +28,8 @@ from reco_jax.tools import plot
 
 REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
 FIGURE = "camvid_label_efficiency.png"  # written into --workdir, next to the runs
-METHODS = ("supervised", "classmix", "classmix_reco", "cac", "s4gan", "pc2seg")  # presets of configs/common.py
+METHODS = ("supervised", "classmix", "classmix_reco", "cac", "s4gan", "pc2seg",
+           "memory_bank")  # presets of configs/common.py
 
 
 def run_command(method: str, workdir: str, num_labeled: int, seed: int,
