@@ -157,3 +157,17 @@ def test_two_process_distributed_run(tmp_path):
   _run_main(workdir, SUPERVISED_SMOKE, "--mode=eval", devices=1)
   with open(os.path.join(workdir, "eval_val.json")) as f:
     np.testing.assert_allclose(json.load(f)["miou"], final_miou, rtol=1e-6)
+
+
+def test_plot_tool_draws_the_smoke_run(default_smoke_run, tmp_path):
+  """`python -m reco_jax.tools.plot` on a real run's metrics.jsonl writes a non-blank PNG
+  (more cases, on a run of their own, in test_plot.py, marked slow)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "curves.png"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  proc = subprocess.run([sys.executable, "-m", "reco_jax.tools.plot", default_smoke_run,
+                         f"--out={out}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with Image.open(out) as image:
+    assert image.size[0] > 800 and len(np.unique(np.asarray(image.convert("L")))) > 10

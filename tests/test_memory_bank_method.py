@@ -140,6 +140,7 @@ def _recipe(**kw):
   return method_lib.AugmentSettings(**{**base, **kw})
 
 
+@pytest.mark.slow  # eager photometric ops: ~30 s on CI's two cores
 def test_augment_batch_stages_act_on_the_whole_batch():
   """Probability 0: identity. Flip with probability 1 flips every image, label and p (one
   decision per batch, as the official); jitter and blur change pixels only; ClassMix with

@@ -234,7 +234,7 @@ def test_unknown_method_is_one_line_naming_the_known_ones():
 
 def test_unknown_aux_loss_is_named():
   config = smoke_config("supervised", aux_losses=("rec0",))
-  with pytest.raises(ValueError, match=r"unknown config aux_losses entry 'rec0'; known: reco"):
+  with pytest.raises(ValueError, match=r"unknown config aux_losses entry 'rec0'; known: memory_bank, reco"):
     methods.get_method(config, num_classes=NUM_CLASSES, model=toy_segmenter(NUM_CLASSES))
 
 

@@ -32,6 +32,7 @@ def smoke_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # trains its own run; test_main.py plots the default suite's smoke run
 def test_cli_writes_a_png_of_two_runs(smoke_run, tmp_path):
   other = str(tmp_path / "second")
   shutil.copytree(smoke_run, other)
@@ -47,6 +48,7 @@ def test_cli_writes_a_png_of_two_runs(smoke_run, tmp_path):
     assert len(np.unique(np.asarray(image.convert("L")))) > 10
 
 
+@pytest.mark.slow
 def test_runs_are_read_and_labelled_from_the_workdir(smoke_run):
   run = plot.load_run(smoke_run)
   with open(os.path.join(smoke_run, "config.json")) as f:
@@ -57,6 +59,7 @@ def test_runs_are_read_and_labelled_from_the_workdir(smoke_run):
   assert plot.class_names([run])[:2] == ["background", "disk"]
 
 
+@pytest.mark.slow
 def test_a_torn_last_line_is_skipped_and_a_bad_line_named(smoke_run, tmp_path):
   workdir = tmp_path / "writing"
   shutil.copytree(smoke_run, workdir)
