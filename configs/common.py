@@ -421,6 +421,9 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     config.reco.num_queries = 32
     config.reco.num_negatives = 64
     config.num_eval_images_to_log = 2
+    # No boundary IoU in smoke runs (a bigger eval program to compile for every test);
+    # `--config.eval.boundary_widths=(5,7,10)` turns it back on.
+    config.eval.boundary_widths = ()
 
 
 class Protocol(typing.NamedTuple):

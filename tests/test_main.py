@@ -52,15 +52,16 @@ def test_train_then_eval_reproduces_the_final_miou(default_smoke_run):
     assert r["sup_loss"] > 0 and r["reco_loss"] > 0 and np.isfinite(r["unsup_loss"])
   assert evals and 0.0 <= evals[-1]["miou"] <= 1.0
   assert os.path.exists(os.path.join(workdir, "config.json"))
-  _run_main(workdir, "--config=configs/default.py:smoke", "--mode=eval", devices=2)
+  # Boundary IoU (off in smoke runs) asked for at evaluation: a harmless eval field.
+  _run_main(workdir, "--config=configs/default.py:smoke", "--mode=eval",
+            "--config.eval.boundary_widths=(5, 7, 10)", devices=2)
   with open(os.path.join(workdir, "eval_val.json")) as f:
     evaluated = json.load(f)
   np.testing.assert_allclose(evaluated["miou"], evals[-1]["miou"], rtol=1e-6)
   assert evaluated["step"] == 3
-  # Boundary IoU at the default widths, in the training evaluations and in --mode=eval.
   for width in (5, 7, 10):
-    np.testing.assert_allclose(evaluated[f"boundary_miou_{width}px"],
-                               evals[-1][f"boundary_miou_{width}px"], rtol=1e-6)
+    assert 0.0 <= evaluated[f"boundary_miou_{width}px"] <= 1.0
+  assert "boundary_miou_5px" not in evals[-1]
 
 
 def test_four_devices_write_the_same_losses_as_one(default_smoke_run, tmp_path):

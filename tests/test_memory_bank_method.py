@@ -282,6 +282,7 @@ def test_own_class_selectors_equal_the_stacked_evaluation():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # a mean-teacher step with the term compiles for a minute on CI's two cores
 def test_memory_bank_as_an_auxiliary_term_of_the_mean_teacher(single_device_mesh):
   """`classmix_reco_memory_bank`: the mean teacher's model gains the heads, the memory lives in
   extra['aux'] and fills from the teacher's view of the labelled batch, the weighted terms join
