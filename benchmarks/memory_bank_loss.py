@@ -74,7 +74,8 @@ def head_variables(case: Case, model: method_lib.MemoryBankModel) -> dict:
   masks = jnp.ones((case.num_classes, 2), bool)
   parts = [model.init(key, rows, None, False, method=method_lib.MemoryBankModel.project),
            model.init(key, proj, None, False, method=method_lib.MemoryBankModel.predict),
-           model.init(key, proj, masks, False, method=method_lib.MemoryBankModel.select),
+           model.init(key, proj, jnp.zeros((2,), jnp.int32), masks[0], False,
+                      method=method_lib.MemoryBankModel.select_own),
            model.init(key, jnp.zeros((case.num_classes, 2, case.dim)), masks, False,
                       method=method_lib.MemoryBankModel.select_memory)]
   return {c: {k: v for p in parts for k, v in p[c].items()} for c in ("params", "batch_stats")}

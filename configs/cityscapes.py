@@ -62,6 +62,18 @@ PROTOCOL = common.Protocol(
         # PC²Seg (our choice): 2 images of 128x128 stride-4 pixels; 1280 anchors each keeps
         # VOC's 2560 anchors per step (VOC: 10 x 256).
         "pc2seg": {"pc2seg.anchors_per_image": 1280},
+        # Contextrast (paper §4.1): DeepLabV3 on D-ResNet-101 (output stride 8), batch 8,
+        # 512x1024 crops, 40K iterations, SGD momentum 0.9 + poly, colour jitter, flip, random
+        # scaling (no blur), single-scale testing. Ours: lr 0.01, wd 5e-4 and scale range
+        # (0.5, 2.0) (Pissas et al., spec §4.1). The paper crops 512x1024 of the 1024x2048
+        # images; ReCo's stored images are 512x1024, so a crop sees the whole (rescaled) image.
+        "contextrast": {"model.name": "deeplabv3", "model.backbone": "resnet101",
+                        "model.output_stride": 8, "input.streams.labeled.batch_size": 8,
+                        "input.eval_batch_size": 8, "input.crop_size": (512, 1024),
+                        "input.scale_range": (0.5, 2.0), "num_train_steps": 40_000,
+                        "optim.lr": 0.01, "optim.weight_decay": 5e-4, "optim.nesterov": False,
+                        "input.blur_prob": 0.0, "eval_every_steps": 2000,
+                        "checkpoint_every_steps": 2000},
     },
 )
 

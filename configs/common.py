@@ -45,6 +45,11 @@ METHOD_PRESETS = {
                                   "aux_losses": ("reco", "memory_bank")},
     # SemiSeg-Contrastive trainSSL.py (Alonso et al., ICCV 2021); settings in config.memory_bank.
     "memory_bank": {"method": "memory_bank", "mix": None, "aux_losses": ()},
+    # Contextrast (Sung et al., CVPR 2024; no public code): supervised; settings in config.contextrast.
+    "contextrast": {"method": "contextrast", "mix": None, "aux_losses": ()},
+    # ClassMix mean teacher with Contextrast's term on the labelled pixels.
+    "classmix_contextrast": {"method": "mean_teacher", "mix": "classmix",
+                             "aux_losses": ("contextrast",)},
 }
 
 VARIANTS = ("smoke",)  # the variants every config file offers (apply_variant)
@@ -119,9 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- model ----------------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
-  config.model.name = "deeplabv3plus"  # deeplabv3plus | deeplabv2
+  config.model.name = "deeplabv3plus"  # deeplabv3plus | deeplabv2 | deeplabv3 (reco_jax/models)
   config.model.backbone = "resnet_tiny"  # resnet_tiny | resnet18 | resnet34 | resnet50 | resnet101
-  # None = the model's default: deeplabv3plus 16 (deeplabv3.py: dilate_scale=16), deeplabv2 8.
+  # None = the model's default: deeplabv3plus 16 (deeplabv3.py: dilate_scale=16), deeplabv2 and
+  # deeplabv3 8.
   config.model.output_stride = ml_collections.FieldReference(None, field_type=int)
   config.model.rep_dim = 256  # deeplabv3.py: output_dim
   config.model.head_dim = 256  # ASPP/decoder width (256 in the official code)
@@ -278,6 +284,48 @@ def base_config() -> ml_collections.ConfigDict:
   config.memory_bank.strong = ml_collections.ConfigDict(dict(
       classmix_prob=0.75, scale_prob=0.8, scale_range=(0.75, 1.75), flip_prob=0.5,
       jitter_prob=0.8, jitter_strength=0.25, blur_prob=0.2, blur_sigma=(0.1, 1.5)))
+  # ---- Contextrast (Sung et al., CVPR 2024; reco_jax/methods/contextrast.py) ------------
+  # None = the loss module's default (reco_jax/losses/contextrast.py: ContextrastSettings,
+  # PissasSettings, ContrastiveSegSettings hold each value once, with its source).
+  config.contextrast = ml_collections.ConfigDict()
+  # The auxiliary term (paper Table 2 rows): contextrast | pissas ([31]) | contrastiveseg
+  # ([41], on the last level) | none (CE only).
+  config.contextrast.loss = "contextrast"
+  # Model maps projected, highest resolution first: the backbone stages (paper: the I = 4
+  # encoder layers; Pissas: the four HRNet branches, spec §4.1).
+  config.contextrast.levels = ("layer1", "layer2", "layer3", "layer4")
+  config.contextrast.proj_dim = 256  # Pissas ms_projector d = 256 (spec §4.1)
+  # Aux term on the mean-teacher methods: also the augmented pseudo-labelled batch (its
+  # pixels with teacher confidence >= delta_w, as ReCo's term). False: the labelled batch only.
+  config.contextrast.aux_pseudo_labels = False
+  for name, kind in (("temperature", float), ("alpha", float), ("level_weights", tuple),
+                     ("w_low", float), ("w_high", float), ("absent_rule", str),
+                     ("anchor_normalization", str), ("normalize_features", bool),
+                     ("stop_gradient_anchors", bool), ("negatives", str), ("reduction", str),
+                     ("use_bane", bool), ("bane_ratio", float), ("error_map", str),
+                     ("selection_scope", str), ("distance_window", int), ("num_negatives", int),
+                     ("fallback", str)):
+    config.contextrast[name] = ml_collections.FieldReference(None, field_type=kind)
+  config.contextrast.pissas = ml_collections.ConfigDict()
+  for name, kind in (("temperature", float), ("cross_scale_temperature", float),
+                     ("level_weights", tuple), ("alpha", float), ("cross_scale", bool),
+                     ("w_high_low", float), ("w_high_mid", float), ("min_views", int),
+                     ("max_views", int), ("max_features_total", int), ("detach_deepest", bool),
+                     ("chunk", int)):
+    config.contextrast.pissas[name] = ml_collections.FieldReference(None, field_type=kind)
+  config.contextrast.contrastiveseg = ml_collections.ConfigDict()
+  for name, kind in (("temperature", float), ("base_temperature", float), ("max_samples", int),
+                     ("max_views", int), ("loss_weight", float), ("sampling", str), ("chunk", int)):
+    config.contextrast.contrastiveseg[name] = ml_collections.FieldReference(None, field_type=kind)
+  # ---- train-time diagnostics (reco_jax/diagnostics.py) ----------------------------------
+  config.diagnostics = ml_collections.ConfigDict()
+  # Log pseudo_* train metrics: the pseudo-labels of the unlabelled batch against its ground
+  # truth (accuracy, precision / recall of the confident pixels, ECE). Metrics only: the
+  # ground truth never reaches a loss. NaN (null in metrics.jsonl) without unlabelled labels.
+  config.diagnostics.pseudo_labels = True
+  # (δs, δw) for methods without confidence thresholds of their own (memory_bank, pc2seg,
+  # s4gan; cac's δw): ReCo's values, so that every method's metrics read on one scale.
+  config.diagnostics.reference_thresholds = (0.97, 0.7)
   # ---- loop, evaluation, checkpoints ------------------------------------------------------
   config.num_train_steps = 600
   config.log_every_steps = 50
@@ -303,6 +351,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Boundary IoU (Cheng et al., CVPR 2021) at these widths in pixels, reported as
   # boundary_miou_<d>px; () turns it off. Every evaluation (reco_jax/evaluate.py).
   config.eval.boundary_widths = (5, 7, 10)
+  # ---- evaluation protocol (reco_jax/inference.py; README: Evaluation and analysis) -------
+  # The defaults (whole, (1.0,), no flip) are the official single-pass evaluation.
+  # "whole": one forward per (padded) image; "slide": overlapping windows whose softmax
+  # probabilities are averaged per pixel (UniMatch / U2PL / mmseg `slide` inference).
+  config.eval.mode = "whole"
+  config.eval.window = ()  # slide: (H, W) window; () = input.crop_size
+  config.eval.stride = ()  # slide: (H, W) stride; () = int(window * 2 / 3) per axis
+  # Test-time augmentation: image scales (bilinear, align_corners=True) and horizontal flip;
+  # softmax probabilities averaged at the label size.
+  config.eval.scales = (1.0,)
+  config.eval.flip = False
   return config
 
 
@@ -417,6 +476,9 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     config.memory_bank.memory_start_step = -1
     config.memory_bank.contrastive_start_step = -1
     config.memory_bank.classmix_start_step = -1
+    # Contextrast: small projectors and negative sets (a 32x32 crop has 64 stride-4 pixels).
+    config.contextrast.proj_dim = 16
+    config.contextrast.num_negatives = 64
     # Fewer ReCo draws: same code path, a smaller gather per class.
     config.reco.num_queries = 32
     config.reco.num_negatives = 64

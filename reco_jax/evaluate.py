@@ -3,7 +3,12 @@
 As the official code (reco_spec §9): the model runs in eval mode on whole images padded to
 a fixed size, logits are up-sampled bilinearly (align_corners=True) to the label size and
 arg-maxed; padded pixels carry the ignore label and padded examples have mask False.
+Other protocols (`config.eval.mode/window/stride/scales/flip`: sliding windows, multi-scale
+and flip test-time augmentation) arg-max the averaged probabilities of
+`inference.probabilities`; the default protocol keeps the arg-max of the logits, so its
+results are bit-identical to the single-pass evaluation.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -16,27 +21,28 @@ import numpy as np
 from absl import logging
 
 from reco_jax import metrics as seg_metrics
-from reco_jax import parallel, resampling
+from reco_jax import inference, parallel
+from reco_jax.inference import Protocol, predict, protocol_from_config  # noqa: F401 (API)
 
 PyTree = Any
 
 
-def predict(apply_fn: Callable, variables: PyTree, images: jax.Array, out_size: tuple[int, int]) -> jax.Array:
-  """`f32[B,H,W,3]` -> logits `f32[B,*out_size,C]` in eval mode (running BN statistics)."""
-  logits = apply_fn(variables, images, train=False)["logits"]
-  return resampling.resize_bilinear_align_corners(logits.astype(jnp.float32), out_size)
-
-
 def eval_step(variables: PyTree, batch: dict, *, apply_fn: Callable, num_classes: int,
-              boundary_widths: tuple[int, ...] = ()):
+              boundary_widths: tuple[int, ...] = (), protocol: Protocol | None = None):
   """Counts and predictions `i32[B,H,W]` of one padded batch.
 
   The counts are {'confusion_matrix': `i32[C,C]`} plus, with `boundary_widths`,
   'boundary': {d: `i32[2,C]`} (boundary intersection and union per class,
-  `metrics.boundary_iou_counts`); the split's metrics come from their sums.
+  `metrics.boundary_iou_counts`); the split's metrics come from their sums. `protocol`
+  (None: the official single pass) chooses how the predictions are made.
   """
-  logits = predict(apply_fn, variables, batch["image"], batch["label"].shape[1:3])
-  predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  out_size = batch["label"].shape[1:3]
+  if protocol is None or protocol.is_single_pass:
+    # The arg-max of the logits, not of their softmax: bit-identical to the official path.
+    scores = predict(apply_fn, variables, batch["image"], out_size)
+  else:
+    scores = inference.probabilities(apply_fn, variables, batch["image"], out_size, protocol)
+  predictions = jnp.argmax(scores, axis=-1).astype(jnp.int32)
   weights = batch["mask"][:, None, None]
   counts = {"confusion_matrix": seg_metrics.confusion_matrix(predictions, batch["label"], num_classes,
                                                              weights=weights)}
@@ -48,12 +54,13 @@ def eval_step(variables: PyTree, batch: dict, *, apply_fn: Callable, num_classes
 
 
 def make_eval_step(mesh: jax.sharding.Mesh, apply_fn: Callable, num_classes: int,
-                   boundary_widths: tuple[int, ...] = ()):
+                   boundary_widths: tuple[int, ...] = (), protocol: Protocol | None = None):
   """The jitted `eval_step` (batch sharded over `data`, counts replicated); boundary IoU at
-  `boundary_widths` (config `eval.boundary_widths`; () skips it)."""
+  `boundary_widths` (config `eval.boundary_widths`; () skips it), predictions under
+  `protocol` (`protocol_from_config(config)`; None: the official single pass)."""
   boundary_widths = seg_metrics.check_boundary_widths(boundary_widths)
   return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, num_classes=num_classes,
-                                   boundary_widths=boundary_widths),
+                                   boundary_widths=boundary_widths, protocol=protocol),
                  in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)),
                  out_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)))
 
@@ -87,8 +94,6 @@ def run_evaluation(step_fn: Callable, variables: PyTree, batches: Iterator[dict]
   for local_batch in batches:
     batch = parallel.to_global_batch(local_batch, mesh)
     batch_counts, predictions = step_fn(variables, batch)
-    if not isinstance(batch_counts, dict):  # a step that returns the confusion matrix only
-      batch_counts = {"confusion_matrix": batch_counts}
     # Sync each step: back-to-back collective programs can deadlock on CPU (design.md §2.5).
     # int64 on the host: a large split's pixel counts can pass 2**31.
     batch_counts = jax.tree.map(lambda x: np.asarray(x, np.int64), jax.device_get(batch_counts))
@@ -123,26 +128,34 @@ def flat_eval_scalars(results: dict, class_names: tuple[str, ...]) -> dict:
   return scalars
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
-                        allow_config_change: bool = False) -> dict:
-  """Restores the latest state of `workdir` onto the devices present and evaluates the
-  method's evaluation weights (`method.eval_variables`: the same weights training evaluates).
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+  """A workdir's latest checkpoint on the devices present, ready to evaluate.
+
+  `variables` are the method's evaluation weights (`method.eval_variables`: the same weights
+  training evaluates); `method.apply_fn(variables, images, train=False)` runs the model.
+  """
+  config: ml_collections.ConfigDict
+  info: Any  # input_pipeline.datasets.DatasetInfo
+  method: Any  # reco_jax.methods.base.Method
+  mesh: jax.sharding.Mesh
+  variables: PyTree
+  step: int
+
+
+def restore_for_evaluation(config: ml_collections.ConfigDict, workdir: str, *,
+                           allow_config_change: bool = False) -> RestoredRun:
+  """Restores the latest state of `workdir` (evaluation, the tools in `reco_jax/tools`).
 
   The config must be the one the checkpoint was trained with, up to harmless fields such as
   the eval protocol (`workdir.check_config`; `allow_config_change` overrides).
-
-  Writes `workdir/eval_<split>.json` and returns the scalar metrics.
   """
   # Imported here: the trainer imports this module for its evaluation hook.
-  from input_pipeline import datasets
   from reco_jax import checkpointing, train
   from reco_jax import workdir as workdir_lib
 
-  boundary_widths = seg_metrics.check_boundary_widths(config.eval.boundary_widths)  # fail early
   mesh = parallel.create_mesh()
   info, method = train.build(config)
-  parallel.check_batch_divisible(config.input.eval_batch_size, mesh, "input.eval_batch_size")
-  train.prepare_data(config)
   abstract_state = checkpointing.abstract_like(
       jax.eval_shape(lambda: train.create_state(config, method, mesh)),
       parallel.replicated(mesh))
@@ -154,26 +167,46 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                            checkpoint_step=None, allow_changes=allow_config_change,
                            what=f"workdir {workdir}")
   state = checkpointing.restore_state(manager, abstract_state)
-  step = int(jax.device_get(state.step))
-  variables = method.eval_variables(state)
-  logging.info("Evaluating step %d (%s) on %d devices", step, method.description, mesh.devices.size)
+  return RestoredRun(config=config, info=info, method=method, mesh=mesh,
+                     variables=method.eval_variables(state), step=int(jax.device_get(state.step)))
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        allow_config_change: bool = False) -> dict:
+  """Evaluates the latest checkpoint of `workdir` (`restore_for_evaluation`) on
+  `config.input.eval_split`.
+
+  Writes `workdir/eval_<split>.json` and returns the scalar metrics.
+  """
+  from input_pipeline import datasets  # the trainer imports this module
+  from reco_jax import train
+
+  boundary_widths = seg_metrics.check_boundary_widths(config.eval.boundary_widths)  # fail early
+  protocol = protocol_from_config(config)
+  parallel.check_batch_divisible(config.input.eval_batch_size, parallel.create_mesh(),
+                                 "input.eval_batch_size")
+  train.prepare_data(config)
+  run = restore_for_evaluation(config, workdir, allow_config_change=allow_config_change)
+  info, method, mesh = run.info, run.method, run.mesh
+  logging.info("Evaluating step %d (%s) on %d devices, protocol %s", run.step,
+               method.description, mesh.devices.size, protocol.to_json())
 
   batches_fn = datasets.create_eval_iterator(
       config.input, split=config.input.eval_split,
       local_batch_size=parallel.local_batch_size(config.input.eval_batch_size),
       process_index=jax.process_index(), process_count=jax.process_count())
   step_fn = make_eval_step(mesh, method.apply_fn, info.num_classes,
-                           boundary_widths=boundary_widths)
-  results, _ = run_evaluation(step_fn, variables, batches_fn(), mesh, info.num_classes,
+                           boundary_widths=boundary_widths, protocol=protocol)
+  results, _ = run_evaluation(step_fn, run.variables, batches_fn(), mesh, info.num_classes,
                               config.eval_absent_classes)
   scalars = flat_eval_scalars(results, info.class_names)
-  scalars["step"] = step
+  scalars["step"] = run.step
   if jax.process_index() == 0:
     path = os.path.join(workdir, f"eval_{config.input.eval_split}.json")
     boundary_counts = {f"{width}px": {"intersection": c[0].tolist(), "union": c[1].tolist()}
                        for width, c in results.get("boundary_counts", {}).items()}
     with open(path, "w") as f:
-      json.dump({**scalars, "split": config.input.eval_split,
+      json.dump({**scalars, "split": config.input.eval_split, "protocol": protocol.to_json(),
                  "confusion_matrix": results["confusion_matrix"].tolist(),
                  **({"boundary_counts": boundary_counts} if boundary_counts else {})}, f, indent=1)
     logging.info("Wrote %s", path)

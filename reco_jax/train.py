@@ -230,6 +230,17 @@ def _check_finite(metrics: dict, step: int, manager) -> None:
     raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; training stopped, {where}")
 
 
+def _window_means(window: list[dict]) -> dict:
+  """Each metric's mean over the logged steps. NaN steps are left out (a diagnostic ratio can
+  be undefined on one step, reco_jax/diagnostics.py); all-NaN stays NaN (null in the log)."""
+  means = {}
+  for key in window[0]:
+    values = np.asarray([m[key] for m in window], np.float64)
+    finite = ~np.isnan(values)
+    means[key] = float(values[finite].mean()) if finite.any() else float("nan")
+  return means
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates.
@@ -332,7 +343,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
       logging.info("Removed %d metrics.jsonl lines after step %d (they are replayed)", dropped, start_step)
   logger = reporting.MetricsLogger(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     if start_step == 0:
       logger.write_hparams({k: v for k, v in workdir_lib.flatten(config.to_dict()).items()
@@ -356,7 +367,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
       process_index=jax.process_index(), process_count=jax.process_count())
   p_train_step = make_train_step(mesh, method, config.seed)
   p_eval_step = evaluate.make_eval_step(mesh, method.apply_fn, info.num_classes,
-                                        boundary_widths=config.eval.boundary_widths)
+                                        boundary_widths=config.eval.boundary_widths,
+                                        protocol=evaluate.protocol_from_config(config))
 
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=logger.writer,
                                            every_steps=config.log_every_steps)
@@ -390,7 +402,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
       hook(step)
     progress.step(step, metrics["loss"])
     if step % config.log_every_steps == 0 or step == num_steps:
-      logger.write_scalars(step, "train", {k: np.mean([m[k] for m in window]) for k in window[0]})
+      logger.write_scalars(step, "train", _window_means(window))
       window = []
     if step % config.eval_every_steps == 0 or step == num_steps:
       with report.timed("eval"):

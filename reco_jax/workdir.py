@@ -17,11 +17,15 @@ import json
 import os
 from typing import Any
 
+import ml_collections
 from absl import logging
 
 from reco_jax.errors import ConfigError, WorkdirError
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"  # the run's config, written by the trainer at its start
+# A field one of the two compared configs does not have.
+ABSENT = "<absent>"
 
 # Fields whose change cannot make a checkpoint mean something else (prefix match on the
 # dotted name). Everything else must match the stored config.
@@ -33,6 +37,7 @@ HARMLESS_FIELDS = (
     # mean the same with any value. (reload_best_patience_steps changes the trajectory.)
     "bn_reestimation_steps",
     "eval_absent_classes", "eval.",  # the evaluation protocol
+    "diagnostics.",  # metrics only: never read by a loss (tests/test_pseudo_diagnostics.py)
     "input.data_dir", "input.manual_dir",  # where the same data lives
     "input.num_threads", "input.prefetch",
     "input.eval_split", "input.eval_size", "input.eval_batch_size",
@@ -89,6 +94,43 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples the configs use (crop sizes, scales, ...)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`) over today's defaults
+  (`configs/common.py: base_config`, so fields added since the run keep the behaviour it had),
+  for the tools that take only a workdir (reco_jax/tools). One-line errors when the file is
+  missing or broken."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: no such file (is {workdir} a training workdir?)") from None
+  except json.JSONDecodeError as e:
+    raise WorkdirError(f"{path}: not valid JSON ({e})") from None
+  config = common.base_config().to_dict()
+  _overlay(config, _tuples(stored))
+  return ml_collections.ConfigDict(config)
+
+
+def _overlay(base: dict, stored: dict) -> None:
+  """`stored`'s values over `base`, section by section (in place)."""
+  for key, value in stored.items():
+    if isinstance(value, dict) and isinstance(base.get(key), dict):
+      _overlay(base[key], value)
+    else:
+      base[key] = value
+
+
 def _harmless(name: str) -> bool:
   return any(name == f or (f.endswith(".") and name.startswith(f)) for f in HARMLESS_FIELDS)
 
@@ -114,18 +156,18 @@ def _added_at_default(name: str, change: tuple, defaults: dict) -> bool:
   """A field the checkpoint's config did not have yet, given at its default: new features
   default to the behaviour that came before them, so an older workdir resumes."""
   old, new = change
-  return old == "<absent>" and name in defaults and defaults[name] == new
+  return old == ABSENT and name in defaults and defaults[name] == new
 
 
 def config_differences(stored: dict, given: dict) -> tuple[dict, dict]:
   """(harmful, harmless) differences {dotted name: (stored, given)} of two config dicts.
 
   Differences in the sections of methods and auxiliary terms that neither config uses
-  (`unread_sections`) are harmless."""
+  (`unread_sections`), and fields the stored config lacks given at their default
+  (`_added_at_default`), are harmless."""
   old, new = flatten(stored), flatten(given)
-  missing = "<absent>"
-  diffs = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
-           if old.get(k, missing) != new.get(k, missing)}
+  diffs = {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(old.keys() | new.keys())
+           if old.get(k, ABSENT) != new.get(k, ABSENT)}
   unread = unread_sections(stored, given)
   defaults = _defaults()
   harmful = {k: v for k, v in diffs.items()

@@ -79,7 +79,7 @@ def _init_and_apply(name: str, output_stride: int):
 
 @pytest.mark.parametrize("size", [33, 64])
 @pytest.mark.parametrize("output_stride", [8, 16])
-@pytest.mark.parametrize("name", ["deeplabv3plus", "deeplabv2"])
+@pytest.mark.parametrize("name", ["deeplabv3plus", "deeplabv2", "deeplabv3"])
 def test_output_shapes_follow_pytorch_arithmetic(name, output_stride, size):
   # eval_shape traces the whole model (so every shape must line up) without compiling.
   model = create_model(_tiny_model_config(name, output_stride), num_classes=5)
@@ -98,7 +98,7 @@ def test_output_shapes_follow_pytorch_arithmetic(name, output_stride, size):
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
-@pytest.mark.parametrize("name", ["deeplabv3plus", "deeplabv2"])
+@pytest.mark.parametrize("name", ["deeplabv3plus", "deeplabv2", "deeplabv3"])
 def test_features_are_the_backbone_stages_and_the_decoder_map(name, output_stride):
   model = create_model(_tiny_model_config(name, output_stride), num_classes=5)
   images = jax.ShapeDtypeStruct((2, 33, 33, 3), jnp.float32)
@@ -112,12 +112,15 @@ def test_features_are_the_backbone_stages_and_the_decoder_map(name, output_strid
   if name == "deeplabv3plus":
     # concat(project(layer1), upsampled ASPP): project_dim 8 + head_dim 16 at stride 4.
     expected["decoder"] = (2, sizes["layer1"], sizes["layer1"], 8 + 16)
+  if name == "deeplabv3":  # the ASPP output both heads read: head_dim 16 at the output stride
+    expected["aspp"] = (2, sizes["layer4"], sizes["layer4"], 16)
   assert {k: v.shape for k, v in features.items()} == expected
   assert {v.dtype for v in features.values()} == {jnp.dtype(jnp.float32)}
 
 
 @pytest.mark.parametrize("name,layer4_size,out_size", [("deeplabv2", 41, 41),
-                                                       ("deeplabv3plus", 21, 81)])
+                                                       ("deeplabv3plus", 21, 81),
+                                                       ("deeplabv3", 41, 41)])
 def test_output_stride_none_is_the_models_official_default(name, layer4_size, out_size):
   # Official: deeplabv2.py always dilates layer3 and layer4 (stride 8: 321 -> 41x41);
   # DeepLabv3+ outputs at stride 4 with its ASPP on layer4 at stride 16.
@@ -136,8 +139,9 @@ def test_output_stride_none_is_the_models_official_default(name, layer4_size, ou
   assert outputs["logits"].shape == (1, out_size, out_size, 5)
   assert outputs["rep"].shape == (1, out_size, out_size, 16)
   assert outputs["features"]["layer4"].shape[1:3] == (layer4_size, layer4_size)
-  # The ASPP runs at stride 16: its official rates.
-  assert set(aspp_rates) == ({(6, 12, 18)} if name == "deeplabv3plus" else set())
+  # DeepLabv3+'s ASPP runs at stride 16, DeepLabv3's ("D-ResNet") at 8: the official rates.
+  expected_rates = {"deeplabv3plus": {(6, 12, 18)}, "deeplabv3": {(12, 24, 36)}, "deeplabv2": set()}
+  assert set(aspp_rates) == expected_rates[name]
 
 
 @pytest.mark.parametrize("name,output_stride", [("deeplabv2", 16), ("deeplabv3plus", 8)])
@@ -146,7 +150,8 @@ def test_explicit_output_stride_overrides_the_default(name, output_stride):
   assert model.backbone.output_stride == output_stride
 
 
-@pytest.mark.parametrize("name,output_stride", [("deeplabv3plus", 16), ("deeplabv2", 8)])
+@pytest.mark.parametrize("name,output_stride", [("deeplabv3plus", 16), ("deeplabv2", 8),
+                                               ("deeplabv3", 8)])
 def test_tiny_models_run_and_are_finite(name, output_stride):
   _, _, train_out, _, eval_out, _ = _init_and_apply(name, output_stride)
   logits, rep = train_out["logits"], train_out["rep"]
@@ -245,7 +250,8 @@ def test_basic_block_dilation_follows_nostride_dilate():
 # ---- BatchNorm, parameters and dtypes --------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,output_stride", [("deeplabv3plus", 16), ("deeplabv2", 8)])
+@pytest.mark.parametrize("name,output_stride", [("deeplabv3plus", 16), ("deeplabv2", 8),
+                                               ("deeplabv3", 8)])
 def test_batch_stats_change_only_in_train_mode(name, output_stride):
   _, variables, _, train_updates, _, eval_updates = _init_and_apply(name, output_stride)
   assert set(variables) == {"params", "batch_stats"}
@@ -298,7 +304,8 @@ def test_batchnorm_statistics_are_global_under_a_sharded_batch(mesh):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,output_stride", [("deeplabv3plus", 16), ("deeplabv2", 8)])
+@pytest.mark.parametrize("name,output_stride", [("deeplabv3plus", 16), ("deeplabv2", 8),
+                                               ("deeplabv3", 8)])
 def test_bfloat16_mode_computes_in_bf16_with_float32_params_and_outputs(name, output_stride):
   _, variables, outputs32, _, _, _ = _init_and_apply(name, output_stride)
   logits32 = outputs32["logits"]

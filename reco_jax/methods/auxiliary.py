@@ -64,10 +64,16 @@ def _memory_bank_term(config: ml_collections.ConfigDict, num_classes: int):
   return memory_bank.AuxTerm.from_config(config, num_classes)
 
 
+def _contextrast_term(config: ml_collections.ConfigDict, num_classes: int):
+  from reco_jax.methods import contextrast  # pylint: disable=import-outside-toplevel
+  return contextrast.AuxTerm.from_config(config, num_classes)
+
+
 # name -> factory `(config, num_classes) -> term`; a term reads its section `config.<name>`.
 TERMS: dict[str, Callable[[ml_collections.ConfigDict, int], Callable]] = {
     "reco": lambda config, num_classes: ReCoTerm.from_config(config.reco),
     "memory_bank": _memory_bank_term,
+    "contextrast": _contextrast_term,
 }
 
 
@@ -79,7 +85,8 @@ class StepContext:
   after its passes); teacher: {'params', 'batch_stats'}; step: i32[] (0-based iteration);
   images_l f32[B,H,W,3], labels_l i32[B,H,W]: the labelled batch as the student saw it;
   out_l / out_u: the student's outputs on it and on the unlabelled batch; labels_u
-  i32[B',H,W]: the unlabelled batch's (augmented) pseudo-labels, -1 ignore.
+  i32[B',H,W]: the unlabelled batch's (augmented) pseudo-labels, -1 ignore; valid_u
+  bool[B',H,W]: the confident ones, the stateless terms' rule (teacher confidence >= delta_w).
   """
   model: Any
   params: Any
@@ -91,6 +98,7 @@ class StepContext:
   out_l: dict
   out_u: dict
   labels_u: jax.Array
+  valid_u: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

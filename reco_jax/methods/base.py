@@ -17,6 +17,8 @@ import jax
 from input_pipeline import datasets
 
 PyTree = Any
+
+
 def check_choice(config: Any, key: str, known: tuple[str, ...]) -> str:
   """`config[key]` (`key` = "section.field", e.g. "cac.numerics") if it is one of `known`;
   else the one-line error every method's settings use for a named choice."""

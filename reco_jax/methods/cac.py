@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from input_pipeline import crop_pairs, datasets
+from reco_jax import diagnostics, resampling
 from reco_jax.losses import cac as cac_lib
 from reco_jax.losses import supervised as supervised_lib
 from reco_jax.methods import base
@@ -126,6 +127,8 @@ class Settings:
   proj_dim: int
   pair: crop_pairs.PairSettings
   warmup_skip: str = "auto"
+  # config.diagnostics: pseudo_* metrics against the unlabelled ground truth (no effect on training).
+  diag: diagnostics.Settings = diagnostics.Settings()
 
 
 WARMUP_SKIPS = ("auto", "cond", "select")
@@ -170,7 +173,8 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
       unsup_start_step=int(c.unsup_start_step), numerics=c.numerics,
       chunk_size=int(c.chunk_size), max_shift_rows=int(c.max_shift_rows),
       mean_groups=int(c.mean_groups), crop_size=crop, pair_batch=batch,
-      proj_dim=int(c.proj_dim), pair=pair, warmup_skip=c.warmup_skip)
+      proj_dim=int(c.proj_dim), pair=pair, warmup_skip=c.warmup_skip,
+      diag=diagnostics.settings_from(config))
 
 
 def as_pair_batch(batch: dict) -> dict:
@@ -184,6 +188,42 @@ def as_pair_batch(batch: dict) -> dict:
           "br1": jnp.tile(jnp.asarray([[h, w]], jnp.int32), (b, 1)),
           "br2": jnp.tile(jnp.asarray([[h, w]], jnp.int32), (b, 1)),
           "flip": jnp.zeros((b, 2), bool)}
+
+
+# CAC's selections: γ (pos_threshold, the positive gate `conf > γ`) and the reference δw.
+DIAGNOSTIC_SELECTIONS = ("strong", "weak")
+
+
+def pseudo_label_diagnostics(conf: tuple[jax.Array, jax.Array], labels: tuple[jax.Array, jax.Array],
+                             gts: tuple[jax.Array, jax.Array], s: "Settings") -> dict:
+  """`diagnostics.pseudo_label_quality` of CAC's pseudo-labels: the argmax and max softmax of
+  the dropout-active classifier at stride 8 of both views (they filter the bank's negatives
+  and, with `conf > γ`, gate the directions), against each view's ground truth (the pair
+  stream crops and flips it with its image, `pair_ground_truth`), nearest-resized to
+  stride 8 in the network-output orientation: the same pixels. `*_strong` is `conf > γ`
+  (pos_threshold), `*_weak` the reference δw.
+
+  Args:
+    conf, labels: (view 1, view 2) f32[B,h,w], i32[B,h,w]; gts: (view 1, view 2) i32[B,H,W].
+  Returns:
+    {'pseudo_*': f32[]} with `DIAGNOSTIC_SELECTIONS`.
+  """
+  hw = conf[0].shape[1:3]
+  gt = jnp.concatenate([resampling.resize_nearest_torch(g, hw) for g in gts])
+  conf, labels = jnp.concatenate(conf), jnp.concatenate(labels)
+  return diagnostics.pseudo_label_quality(
+      conf, labels, gt, thresholds={"weak": s.diag.reference["weak"]},
+      selections={"strong": conf > jnp.float32(s.pos_threshold)})
+
+
+def pair_ground_truth(batch: dict) -> tuple[jax.Array, jax.Array] | None:
+  """The views' ground truth i32[B,H,W] of the unlabelled pair batch (the fallback plain
+  batch: its 'label' for both identical crops), or None when it has none."""
+  if "label1" in batch:
+    return batch["label1"], batch["label2"]
+  if "label" in batch:
+    return batch["label"], batch["label"]
+  return None
 
 
 def bank_entry(feat1: jax.Array, feat2: jax.Array, label1: jax.Array, label2: jax.Array,
@@ -230,11 +270,16 @@ class CAC(base.Method):
     return outputs, updates["batch_stats"]
 
   def unsupervised(self, params, batch_stats, bank: dict, pair: dict, writes: jax.Array,
-                   key: jax.Array) -> tuple[jax.Array, jax.Array, dict, dict, jax.Array]:
+                   key: jax.Array, gts: tuple[jax.Array, jax.Array] | None = None
+                   ) -> tuple[jax.Array, jax.Array, dict, dict, jax.Array, dict]:
     """Both views through the student, the bank write, the loss.
 
+    Args:
+      gts: the views' ground truth (`pair_ground_truth`) for the `pseudo_*` diagnostics, or
+        None; it enters no loss.
     Returns:
-      (loss1, loss2, batch_stats, new bank, selected fraction f32[]).
+      (loss1, loss2, batch_stats, new bank, selected fraction f32[], diagnostics {'pseudo_*'}
+       ({} without `gts`)).
     """
     s = self.settings
     key1, key2 = jax.random.split(key)
@@ -257,12 +302,15 @@ class CAC(base.Method):
         max_shift_rows=s.max_shift_rows, num_groups=s.mean_groups)
     selected = jnp.sum(extras["mask1"]) + jnp.sum(extras["mask2"])
     fraction = selected / jnp.maximum(2 * jnp.sum(extras["overlap"]), 1)
-    return loss1, loss2, batch_stats, bank, fraction.astype(jnp.float32)
+    diag = ({} if gts is None else
+            pseudo_label_diagnostics((conf1, conf2), (label1, label2), gts, s))
+    return loss1, loss2, batch_stats, bank, fraction.astype(jnp.float32), diag
 
   def loss(self, params, state, batch, key):
     """CE + weight * (L1 + L2); metrics `loss`, `sup_loss`, `unsup_loss` (= weight *
     (L1 + L2)), `cac_loss1`, `cac_loss2`, `cac_selected_fraction` (overlap positions selected
-    by the directional masks, both directions)."""
+    by the directional masks, both directions); with `diagnostics.pseudo_labels`, the
+    `pseudo_*` metrics (`pseudo_label_diagnostics`; NaN during the warm-up)."""
     s = self.settings
     key_l, key_u = jax.random.split(key)
     labeled = batch[base.LABELED]
@@ -271,26 +319,29 @@ class CAC(base.Method):
     pair = as_pair_batch(batch[UNLABELED_PAIR])
     bank = state.extra["bank"]
     writes = state.step - s.unsup_start_step
+    gts = pair_ground_truth(batch[UNLABELED_PAIR]) if s.diag.pseudo_labels else None
 
     def active(batch_stats):
-      return self.unsupervised(params, batch_stats, bank, pair, writes, key_u)
+      return self.unsupervised(params, batch_stats, bank, pair, writes, key_u, gts)
 
     def warmup(batch_stats):
-      # Official: no unlabelled forward at all before epoch_start_unsup.
+      # Official: no unlabelled forward at all before epoch_start_unsup; so no pseudo-labels
+      # (their diagnostics undefined: NaN).
       zero = jnp.zeros((), jnp.float32)
-      return zero, zero, batch_stats, bank, zero
+      diag = {} if gts is None else diagnostics.undefined(DIAGNOSTIC_SELECTIONS)
+      return zero, zero, batch_stats, bank, zero, diag
 
     is_active = state.step >= s.unsup_start_step
     if skips_by_cond(s.warmup_skip, jax.default_backend()):
-      loss1, loss2, batch_stats, bank, fraction = jax.lax.cond(
+      loss1, loss2, batch_stats, bank, fraction, diag = jax.lax.cond(
           is_active, active, warmup, batch_stats)
     else:
-      loss1, loss2, batch_stats, bank, fraction = jax.tree.map(
+      loss1, loss2, batch_stats, bank, fraction, diag = jax.tree.map(
           lambda on, off: jnp.where(is_active, on, off), active(batch_stats), warmup(batch_stats))
     unsup = s.weight * (loss1 + loss2)
     loss = sup + unsup
     metrics = {"loss": loss, "sup_loss": sup, "unsup_loss": unsup, "cac_loss1": loss1,
-               "cac_loss2": loss2, "cac_selected_fraction": fraction}
+               "cac_loss2": loss2, "cac_selected_fraction": fraction, **diag}
     return loss, (metrics, {"batch_stats": batch_stats, "bank": jax.lax.stop_gradient(bank)})
 
   def after_update(self, state, aux, key):

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from input_pipeline import datasets
-from reco_jax import augment, ema
+from reco_jax import augment, diagnostics, ema
 from reco_jax.losses import supervised as supervised_lib
 from reco_jax.losses import unsupervised
 from reco_jax.methods import auxiliary, base
 
-UNLABELED = "unlabeled"
+UNLABELED = base.UNLABELED
 # build_data.py: BuildDataset(augmentation=False, scale_size=(1.0, 1.0)): crop/pad only; the
 # strong augmentation happens on device after pseudo-labelling.
 UNLABELED_STREAM = datasets.Stream(subset="unlabeled", augment=False)
@@ -56,6 +56,8 @@ class Settings:
   blur_prob: float
   flip_prob: float
   unsup_empty_policy: str
+  # config.diagnostics: pseudo_* metrics against the unlabelled ground truth (no effect on training).
+  diag: diagnostics.Settings = diagnostics.Settings()
 
 
 def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settings:
@@ -83,7 +85,7 @@ def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settin
       crop_size=tuple(int(x) for x in config.input.crop_size), quantize=bool(c.quantize),
       color_jitter_prob=float(config.input.color_jitter_prob),
       blur_prob=float(config.input.blur_prob), flip_prob=float(config.input.flip_prob),
-      unsup_empty_policy=c.unsup_empty_policy)
+      unsup_empty_policy=c.unsup_empty_policy, diag=diagnostics.settings_from(config))
 
 
 def partial_labeled_aux_targets(logits_l: jax.Array, sparse_labels: jax.Array
@@ -138,8 +140,14 @@ class MeanTeacher(base.Method):
     Returns:
       (augmented batch {'image', 'label' i32, 'confidence' f32}, new teacher batch_stats).
     """
+    confidence, labels, teacher_batch_stats = self.teacher_predict(teacher, unlabeled["image"])
+    return self.augment_pseudo_labelled(unlabeled, confidence, labels, key), teacher_batch_stats
+
+  def teacher_predict(self, teacher: dict, images: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, dict]:
+    """Step 3: the teacher's confidence f32[B,H,W] and pseudo-labels i32[B,H,W] of the
+    un-augmented images f32[B,H,W,3] (no gradient), and its new batch_stats."""
     s = self.settings
-    images = unlabeled["image"]
     if s.teacher_train_mode:
       # Official: the teacher stays in train() mode, so BN uses batch statistics and its
       # running statistics are updated by its own forward pass.
@@ -151,6 +159,14 @@ class MeanTeacher(base.Method):
     probs = jax.nn.softmax(supervised_lib.upsample_logits(outputs["logits"], images.shape[1:3]), axis=-1)
     probs = jax.lax.stop_gradient(probs)
     confidence, labels = jnp.max(probs, axis=-1), jnp.argmax(probs, axis=-1).astype(jnp.int32)
+    return confidence, labels, teacher_batch_stats
+
+  def augment_pseudo_labelled(self, unlabeled: dict, confidence: jax.Array, labels: jax.Array,
+                              key: jax.Array) -> dict:
+    """Steps 4-6: the partial-label override, then the strong augmentation of image,
+    pseudo-label and confidence -> {'image', 'label' i32, 'confidence' f32}."""
+    s = self.settings
+    images = unlabeled["image"]
     if s.partial_labels:
       # train_semisup_partial.py: the sparse labels override the teacher, with confidence 1.
       sparse = unlabeled["label"]
@@ -162,19 +178,22 @@ class MeanTeacher(base.Method):
         key, images, labels, confidence, mode=s.mix, scale_range=s.scale_range,
         crop_size=s.crop_size, num_classes=s.num_classes, quantize=s.quantize,
         jitter_prob=s.color_jitter_prob, blur_prob=s.blur_prob, flip_prob=s.flip_prob)
-    return {"image": images, "label": labels, "confidence": confidence}, teacher_batch_stats
+    return {"image": images, "label": labels, "confidence": confidence}
 
   def loss(self, params, state, batch, key):
     """sup + unsup (+ auxiliary terms) of train_semisup.py steps 7-9.
 
     Metrics: `loss`, `sup_loss`, `unsup_loss`, `pseudo_label_confident_fraction` (augmented
     pixels with confidence >= delta_s), `ema_decay` (of the update after this step) and,
-    with auxiliary terms, theirs and `aux_unlabeled_valid_fraction` (confidence >= delta_w).
+    with auxiliary terms, theirs and `aux_unlabeled_valid_fraction` (confidence >= delta_w);
+    with `diagnostics.pseudo_labels`, the `pseudo_*` metrics (`pseudo_label_diagnostics`).
     """
     s = self.settings
     key_augment, key_aux = jax.random.split(key)
     # The teacher sees no gradient: it reads `state.extra`, never `params`.
-    unlabeled, teacher_batch_stats = self.pseudo_label(state.extra, batch[UNLABELED], key_augment)
+    confidence_t, labels_t, teacher_batch_stats = self.teacher_predict(
+        state.extra, batch[UNLABELED]["image"])
+    unlabeled = self.augment_pseudo_labelled(batch[UNLABELED], confidence_t, labels_t, key_augment)
     labeled = batch[base.LABELED]
     out_l, batch_stats = self.apply_train(params, state.batch_stats, labeled["image"])
     out_u, batch_stats = self.apply_train(params, batch_stats, unlabeled["image"])
@@ -183,6 +202,8 @@ class MeanTeacher(base.Method):
                                            s.strong_threshold, empty_policy=s.unsup_empty_policy)
     metrics = {"sup_loss": sup, "unsup_loss": unsup}
     loss = sup + unsup
+    # Cut-out and padded pixels have confidence 0 (and label -1), so they are never valid.
+    valid_u = (unlabeled["confidence"] >= s.weak_threshold) & (unlabeled["label"] >= 0)
     if self.aux_losses:
       # reco_spec §1.5: labelled pixels are valid where labelled, pseudo-labelled ones where
       # the (augmented, quantised) teacher confidence is >= delta_w; both at full resolution.
@@ -190,8 +211,6 @@ class MeanTeacher(base.Method):
         labels_l, valid_l = partial_labeled_aux_targets(out_l["logits"], labeled["label"])
       else:
         labels_l, valid_l = labeled["label"], labeled["label"] >= 0
-      # Cut-out and padded pixels have confidence 0 (and label -1), so they are never valid.
-      valid_u = (unlabeled["confidence"] >= s.weak_threshold) & (unlabeled["label"] >= 0)
       aux_total, aux_metrics = self.aux_losses(
           key_aux, jnp.concatenate([out_l["rep"], out_u["rep"]]),
           jnp.concatenate([out_l["logits"], out_u["logits"]]),
@@ -207,7 +226,7 @@ class MeanTeacher(base.Method):
           model=self.model, params=params, batch_stats=batch_stats,
           teacher={"params": state.extra["params"], "batch_stats": teacher_batch_stats},
           step=state.step, images_l=labeled["image"], labels_l=labeled["label"], out_l=out_l,
-          out_u=out_u, labels_u=unlabeled["label"])
+          out_u=out_u, labels_u=unlabeled["label"], valid_u=valid_u)
       stateful_total, stateful_metrics, aux["aux"], batch_stats, teacher_batch_stats = (
           self.aux_losses.apply_stateful(jax.random.fold_in(key, 1), ctx, state.extra["aux"]))
       loss = loss + stateful_total
@@ -217,8 +236,30 @@ class MeanTeacher(base.Method):
     metrics["pseudo_label_confident_fraction"] = jax.lax.stop_gradient(jnp.mean(
         (unlabeled["confidence"] >= s.strong_threshold).astype(jnp.float32)))
     metrics["ema_decay"] = ema.ema_decay(state.step, s.ema_decay_max)
+    if s.diag.pseudo_labels:
+      metrics.update(self.pseudo_label_diagnostics(confidence_t, labels_t, batch[UNLABELED]["label"]))
     return loss, (metrics, {"batch_stats": batch_stats, "teacher_batch_stats": teacher_batch_stats,
                             **aux})
+
+  def pseudo_label_diagnostics(self, confidence: jax.Array, labels: jax.Array, gt: jax.Array
+                               ) -> dict:
+    """`diagnostics.pseudo_label_quality` of the teacher's pseudo-labels of the un-augmented
+    batch (before the strong augmentation, so at the pixels of the ground truth), at δs and
+    δw. The confidence is the one the method thresholds: uint8-quantised with
+    `mean_teacher.quantize` (the official round trip, done in strong_augment's first stage).
+    In partial-label mode `gt` is the sparse labels, which override the pseudo-labels: the
+    metrics measure the teacher's own prediction at the sparse-labelled pixels.
+
+    Args:
+      confidence: f32[B,H,W], labels: i32[B,H,W] the teacher's; gt: i32[B,H,W] (-1 void).
+    Returns:
+      {'pseudo_*': f32[]} (diagnostics module docstring).
+    """
+    s = self.settings
+    if s.quantize:
+      confidence = unsupervised.quantize_confidence(confidence)
+    return diagnostics.pseudo_label_quality(
+        confidence, labels, gt, thresholds={"strong": s.strong_threshold, "weak": s.weak_threshold})
 
   def after_update(self, state, aux, key):
     """EMA of the parameters; t = number of previous updates = state.step - 1. The teacher's

@@ -38,12 +38,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from input_pipeline import datasets
-from reco_jax import augment, resampling
+from reco_jax import augment, diagnostics, resampling
 from reco_jax.losses import memory_bank as bank_lib
 from reco_jax.losses import supervised as supervised_lib
 from reco_jax.methods import base
 
-UNLABELED = "unlabeled"
+UNLABELED = base.UNLABELED
 # Crop/pad only on the host (the official loaders only crop): every augmentation is on device.
 LABELED_STREAM = datasets.Stream(subset="labeled", augment=False)
 UNLABELED_STREAM = datasets.Stream(subset="unlabeled", augment=False)
@@ -57,7 +57,7 @@ class MemoryBankModel(nn.Module):
 
   `__call__(images f32[B,H,W,3], train)` -> the model's outputs plus 'contrast':
   f32[B,h,w,d] (the features the heads read). The heads are applied through the methods
-  `project`, `predict`, `select`, `select_memory` (`model.apply(..., method=...)`).
+  `project`, `predict`, `select_own`, `select_memory` (`model.apply(..., method=...)`).
   """
   segmenter: nn.Module
   num_classes: int
@@ -82,7 +82,7 @@ class MemoryBankModel(nn.Module):
       rows = jnp.zeros((2, contrast.shape[-1]), jnp.float32)
       pred = self.predict(self.project(rows, None, False), None, False)
       masks = jnp.ones((self.num_classes, 2), bool)
-      self.select(pred, masks, False)
+      self.select_own(pred, jnp.zeros((2,), jnp.int32), masks[0], False)
       self.select_memory(jnp.broadcast_to(pred, (self.num_classes, 2, self.dim)), masks, False)
     return {**out, "contrast": contrast}
 
@@ -91,9 +91,6 @@ class MemoryBankModel(nn.Module):
 
   def predict(self, rows: jax.Array, mask: jax.Array | None, train: bool) -> jax.Array:
     return self.prediction_head(rows, mask, train)
-
-  def select(self, rows: jax.Array, masks: jax.Array, train: bool) -> jax.Array:
-    return self.selectors(rows, masks, train)
 
   def select_own(self, rows: jax.Array, classes: jax.Array, mask: jax.Array, train: bool
                  ) -> jax.Array:
@@ -144,6 +141,8 @@ class Settings:
   num_train_steps: int
   weak: AugmentSettings
   strong: AugmentSettings
+  # config.diagnostics: pseudo_* metrics against the unlabelled ground truth (no effect on training).
+  diag: diagnostics.Settings = diagnostics.Settings()
 
 
 def _augment_settings(c: ml_collections.ConfigDict) -> AugmentSettings:
@@ -199,7 +198,8 @@ def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settin
       classmix_start_step=int(c.classmix_start_step), ramp_up_steps=int(c.ramp_up_steps),
       entropy_weight=float(c.entropy_weight), pseudo_label_power=float(c.pseudo_label_power),
       drop_background=bool(c.drop_background), num_train_steps=int(config.num_train_steps),
-      weak=_augment_settings(c.weak), strong=_augment_settings(c.strong))
+      weak=_augment_settings(c.weak), strong=_augment_settings(c.strong),
+      diag=diagnostics.settings_from(config))
 
 
 def feature_source(config: ml_collections.ConfigDict) -> str:
@@ -240,14 +240,12 @@ def augment_batch(key: jax.Array, images: jax.Array, labels: jax.Array, probs: j
         jax.random.split(keys[0], labels.shape[0]), labels, num_classes, drop_background)
     mixed = augment.mix(images, labels, probs, masks, "classmix")
     do_mix = jnp.logical_and(allow_mix, jax.random.bernoulli(keys[1], a.classmix_prob))
-    images, labels, probs = jax.tree.map(lambda m, o: jnp.where(do_mix, m, o), mixed,
-                                         (images, labels, probs))
+    images, labels, probs = _select(do_mix, mixed, (images, labels, probs))
   if a.scale_prob > 0:
     scaled = augment.random_rescale_crop(keys[2], images, labels, probs, a.scale_range,
                                          crop_size, quantize=False)
     do_scale = jax.random.bernoulli(keys[3], a.scale_prob)
-    images, labels, probs = jax.tree.map(lambda m, o: jnp.where(do_scale, m, o), scaled,
-                                         (images, labels, probs))
+    images, labels, probs = _select(do_scale, scaled, (images, labels, probs))
   if a.flip_prob > 0:
     flip = jax.random.bernoulli(keys[4], a.flip_prob)
     images, labels, probs = jax.tree.map(lambda x: jnp.where(flip, x[:, :, ::-1], x),
@@ -445,7 +443,8 @@ class MemoryBank(base.Method):
     """The official step 1-7 (module docstring). Metrics: `loss` = `sup_loss` + `unsup_loss`
     (everything else: pseudo-label CE + 0.01 entropy + 0.1 (labelled + unlabelled contrast)
     once active), `pseudo_label_loss`, `entropy_loss`, `contrastive_labeled`, `contrastive_unlabeled`,
-    `memory_filled_fraction`, `memory_candidates` (per step), `ema_decay`."""
+    `memory_filled_fraction`, `memory_candidates` (per step), `ema_decay`; with
+    `diagnostics.pseudo_labels`, the `pseudo_*` metrics of the teacher's pseudo-labels."""
     s = self.settings
     step = state.step
     k_weak, k_view1, k_view2 = jax.random.split(key, 3)
@@ -499,6 +498,11 @@ class MemoryBank(base.Method):
         "loss": loss, "sup_loss": sup, "unsup_loss": unsup_total, "pseudo_label_loss": pseudo_ce,
         "entropy_loss": entropy,
         **parts, "ema_decay": bank_lib.alonso_ema_decay(step, s.num_train_steps)}
+    if s.diag.pseudo_labels:
+      # The teacher's pseudo-labels of the un-augmented batch (step 1), at the GT's pixels.
+      # The method weights pixels by p_max^6 and has no threshold: the reference δs, δw.
+      metrics.update(diagnostics.pseudo_label_quality(
+          p_max, pseudo, batch[UNLABELED]["label"], thresholds=s.diag.reference))
     aux = {"batch_stats": batch_stats, "teacher_batch_stats": teacher["batch_stats"],
            "memory": memory}
     return loss, (metrics, aux)

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from input_pipeline import datasets
-from reco_jax import augment, resampling
+from reco_jax import augment, diagnostics, resampling
 from reco_jax.losses import pc2seg as pc2seg_lib
 from reco_jax.losses import supervised as supervised_lib
 from reco_jax.methods import base
 
-UNLABELED = "unlabeled"
+UNLABELED = base.UNLABELED
 # Crop/pad only on the host; both views are made on device from this one stream.
 UNLABELED_STREAM = datasets.Stream(subset="unlabeled", augment=False)
 
@@ -72,7 +72,8 @@ class Settings:
   flip_prob: float
   color_jitter_prob: float
   blur_prob: float
-
+  # config.diagnostics: pseudo_* metrics against the unlabelled ground truth (no effect on training).
+  diag: diagnostics.Settings = diagnostics.Settings()
 
 
 def _positive(c: ml_collections.ConfigDict, name: str, kind=int):
@@ -114,7 +115,7 @@ def settings_from(config: ml_collections.ConfigDict) -> Settings:
       crop_size=tuple(int(x) for x in config.input.crop_size),
       flip_prob=float(config.input.flip_prob),
       color_jitter_prob=float(config.input.color_jitter_prob),
-      blur_prob=float(config.input.blur_prob))
+      blur_prob=float(config.input.blur_prob), diag=diagnostics.settings_from(config))
 
 
 def make_views(key: jax.Array, images: jax.Array, s: Settings
@@ -127,20 +128,44 @@ def make_views(key: jax.Array, images: jax.Array, s: Settings
     (weak f32[B,h,w,3], strong f32[B,h,w,3], valid bool[B,h,w]) at `s.crop_size`; `valid`
     is False where the rescale-crop padded (both views share it).
   """
+  zeros = jnp.zeros(images.shape[:3], jnp.int32)
+  return make_views_and_labels(key, images, zeros, s)[:3]
+
+
+def make_views_and_labels(key: jax.Array, images: jax.Array, labels: jax.Array, s: Settings
+                          ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`make_views`, plus `labels` i32[B,H,W] carried through the views' geometry (nearest,
+  -1 where padded) -> (weak, strong, valid, labels i32[B,h,w]). The labels' values do not
+  touch the views (only their shape is read), so the views are those of `make_views`."""
   key_geometry, key_flip, key_photo = jax.random.split(key, 3)
   # The geometry is applied once; `confidence` = 1 carries the padding mask through it.
   ones = jnp.ones(images.shape[:3], jnp.float32)
-  zeros = jnp.zeros(images.shape[:3], jnp.int32)
-  weak, _, inside = augment.random_rescale_crop(key_geometry, images, zeros, ones, s.scale_range,
-                                                s.crop_size, quantize=False)
-  weak, _, inside = augment.photometric_augment(key_flip, weak, jnp.zeros(inside.shape, jnp.int32),
-                                                inside, jitter_prob=0.0, blur_prob=0.0,
-                                                flip_prob=s.flip_prob, quantize=False)
+  weak, labels, inside = augment.random_rescale_crop(key_geometry, images, labels, ones,
+                                                     s.scale_range, s.crop_size, quantize=False)
+  weak, labels, inside = augment.photometric_augment(key_flip, weak, labels, inside,
+                                                     jitter_prob=0.0, blur_prob=0.0,
+                                                     flip_prob=s.flip_prob, quantize=False)
   # Photometric only (flip_prob 0): the strong view keeps the weak view's geometry.
   strong, _, _ = augment.photometric_augment(key_photo, weak, jnp.zeros(inside.shape, jnp.int32),
                                              inside, jitter_prob=s.color_jitter_prob,
                                              blur_prob=s.blur_prob, flip_prob=0.0, quantize=False)
-  return weak, strong, inside > 0
+  return weak, strong, inside > 0, labels
+
+
+def pseudo_label_diagnostics(probs_w: jax.Array, gt_weak: jax.Array, s: Settings) -> dict:
+  """`diagnostics.pseudo_label_quality` of PC²Seg's targets: the weak view's (stop-gradient)
+  class probabilities at the logits' resolution, which the consistency term and the
+  negative sampling read, against the ground truth carried through the weak view's geometry
+  and nearest-resized to that grid (as `valid`): the same pixels. No threshold of its own:
+  the reference δs, δw on the max probability.
+
+  Args:
+    probs_w: f32[B,h,w,C]; gt_weak: i32[B,H,W] at the view size (-1 void or padded).
+  Returns:
+    {'pseudo_*': f32[]}.
+  """
+  gt = resampling.resize_nearest_torch(gt_weak, probs_w.shape[1:3])
+  return diagnostics.pseudo_label_quality_from_probs(probs_w, gt, thresholds=s.diag.reference)
 
 
 class PC2Seg(base.Method):
@@ -155,17 +180,21 @@ class PC2Seg(base.Method):
   def streams(self):
     return {base.LABELED: base.LABELED_STREAM, UNLABELED: UNLABELED_STREAM}
 
-  def unlabelled(self, params, batch_stats, images: jax.Array, key: jax.Array
-                 ) -> tuple[jax.Array, dict, dict]:
+  def unlabelled(self, params, batch_stats, images: jax.Array, key: jax.Array,
+                 gt: jax.Array | None = None) -> tuple[jax.Array, dict, dict]:
     """Views, the two student passes, the draws and the unlabelled loss.
 
+    Args:
+      gt: i32[B,H,W] the unlabelled images' ground truth (-1 void), or None: only for the
+        `pseudo_*` diagnostics, never in the loss.
     Returns:
-      (λ1·L_ce + λ2·L_cy, parts {'contrastive', 'consistency', 'valid_anchor_fraction'},
-       new batch_stats).
+      (λ1·L_ce + λ2·L_cy, parts {'contrastive', 'consistency', 'valid_anchor_fraction'} and,
+       with `gt`, 'diagnostics' {'pseudo_*'}, new batch_stats).
     """
     s = self.settings
     key_views, key_draws = jax.random.split(key)
-    weak, strong, valid = make_views(key_views, images, s)
+    labels = jnp.zeros(images.shape[:3], jnp.int32) if gt is None else gt
+    weak, strong, valid, gt_weak = make_views_and_labels(key_views, images, labels, s)
     out_w, batch_stats = self.apply_train(params, batch_stats, weak)
     out_s, batch_stats = self.apply_train(params, batch_stats, strong)
     if out_w["proj"].shape[1:3] != out_w["logits"].shape[1:3]:
@@ -179,21 +208,27 @@ class PC2Seg(base.Method):
                             num_negatives=s.num_negatives, replacement=s.replacement)
     loss, parts = pc2seg_lib.unlabelled_loss(draws, out_w["proj"], out_s["proj"], probs_w, probs_s,
                                              valid, s.loss)
+    if gt is not None:
+      parts = {**parts, "diagnostics": pseudo_label_diagnostics(probs_w, gt_weak, s)}
     return loss, parts, batch_stats
 
   def loss(self, params, state, batch, key):
     """CE + λ1·L_ce + λ2·L_cy. Metrics: `loss`, `sup_loss`, `unsup_loss` (= λ1·L_ce + λ2·L_cy),
     `pc2seg_contrastive` (L_ce), `pc2seg_consistency` (L_cy), `pc2seg_valid_anchor_fraction`
-    (anchors with at least one negative of positive probability)."""
+    (anchors with at least one negative of positive probability); with
+    `diagnostics.pseudo_labels`, the `pseudo_*` metrics (`pseudo_label_diagnostics`)."""
     labeled = batch[base.LABELED]
     out_l, batch_stats = self.apply_train(params, state.batch_stats, labeled["image"])
     sup = supervised_lib.supervised_loss(out_l["logits"], labeled["label"])
-    unsup, parts, batch_stats = self.unlabelled(params, batch_stats, batch[UNLABELED]["image"], key)
+    unlabeled = batch[UNLABELED]
+    gt = unlabeled["label"] if self.settings.diag.pseudo_labels else None
+    unsup, parts, batch_stats = self.unlabelled(params, batch_stats, unlabeled["image"], key, gt)
     loss = sup + unsup
     metrics = {"loss": loss, "sup_loss": sup, "unsup_loss": unsup,
                "pc2seg_contrastive": parts["contrastive"],
                "pc2seg_consistency": parts["consistency"],
-               "pc2seg_valid_anchor_fraction": parts["valid_anchor_fraction"]}
+               "pc2seg_valid_anchor_fraction": parts["valid_anchor_fraction"],
+               **parts.get("diagnostics", {})}
     return loss, (metrics, {"batch_stats": batch_stats})
 
 

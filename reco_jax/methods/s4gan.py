@@ -40,12 +40,12 @@ import ml_collections
 import optax
 
 from input_pipeline import datasets
-from reco_jax import optim
+from reco_jax import diagnostics, optim
 from reco_jax.losses import supervised as supervised_lib
 from reco_jax.methods import base
 
 PyTree = Any
-UNLABELED = "unlabeled"
+UNLABELED = base.UNLABELED
 LABELED_REAL = "labeled_real"
 # The official three loaders read one dataset with one transform: the unlabelled and the
 # real images are augmented as the labelled ones.
@@ -249,6 +249,8 @@ class Settings:
   lambda_st: float
   real_batch: str
   real_range_from_labeled: bool
+  # config.diagnostics: pseudo_* metrics against the unlabelled ground truth (no effect on training).
+  diag: diagnostics.Settings = diagnostics.Settings()
 
 
 def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settings:
@@ -268,7 +270,8 @@ def settings_from(config: ml_collections.ConfigDict, num_classes: int) -> Settin
   return Settings(num_classes=num_classes, threshold_st=float(c.threshold_st),
                   lambda_fm=float(c.lambda_fm), lambda_st=float(c.lambda_st),
                   real_batch=c.real_batch,
-                  real_range_from_labeled=bool(c.real_range_from_labeled))
+                  real_range_from_labeled=bool(c.real_range_from_labeled),
+                  diag=diagnostics.settings_from(config))
 
 
 def discriminator_from(config: ml_collections.ConfigDict) -> S4GANDiscriminator:
@@ -291,7 +294,8 @@ def discriminator_optimizer(config: ml_collections.ConfigDict) -> optax.Gradient
 def generator_loss(logits_l: jax.Array, labels_l: jax.Array, images_l: jax.Array,
                    logits_u: jax.Array, images_u: jax.Array, labels_real: jax.Array,
                    images_real: jax.Array, discriminate: Callable, step: jax.Array,
-                   s: Settings) -> tuple[jax.Array, dict, tuple[jax.Array, jax.Array]]:
+                   s: Settings, gt_u: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict, tuple[jax.Array, jax.Array]]:
   """The student's objective of one step (spec §1 steps 3-12).
 
   Args:
@@ -302,6 +306,8 @@ def generator_loss(logits_l: jax.Array, labels_l: jax.Array, images_l: jax.Array
     discriminate: `(x f32[B,H,W,C+3], forward name) -> (prob f32[B,1], feat f32[B,F])`, D
       with its pre-update parameters (constants here) and that forward's dropout.
     step: i32[], the step being taken (no self-training at step 0, Q7).
+    gt_u: i32[B,H,W] the unlabelled batch's ground truth (-1 void), only for the `pseudo_*`
+      diagnostics (with `s.diag.pseudo_labels`); it enters no loss.
   Returns:
     (loss, metrics {'sup_loss', 'unsup_loss', 'fm_loss', 'st_loss', 'st_selected_fraction'},
      (fake input, real input) for the discriminator step, without gradient).
@@ -321,7 +327,31 @@ def generator_loss(logits_l: jax.Array, labels_l: jax.Array, images_l: jax.Array
   unsup = s.lambda_fm * fm + s.lambda_st * st
   metrics = {"sup_loss": sup, "unsup_loss": unsup, "fm_loss": fm, "st_loss": st,
              "st_selected_fraction": count.astype(jnp.float32) / selected.shape[0]}
+  if gt_u is not None and s.diag.pseudo_labels:
+    metrics.update(pseudo_label_diagnostics(pred_u, gt_u, selected, s))
   return sup + unsup, metrics, (jax.lax.stop_gradient(fake), real)
+
+
+def pseudo_label_diagnostics(logits_u: jax.Array, gt_u: jax.Array, selected: jax.Array,
+                             s: Settings) -> dict:
+  """`diagnostics.pseudo_label_quality` of the self-training pseudo-labels: the argmax of the
+  student's up-sampled logits of the (host-augmented, with its label) unlabelled batch, so at
+  the pixels of `gt_u`. S4GAN selects whole images (D > threshold_st), not pixels:
+  `*_selected` is that selection (all pixels of the selected images, also at step 0 where
+  no self-training is applied); `*_strong` / `*_weak` the reference δs, δw on the student's
+  max softmax probability.
+
+  Args:
+    logits_u: f32[B,H,W,C] up-sampled student logits; gt_u: i32[B,H,W]; selected: bool[B].
+  Returns:
+    {'pseudo_*': f32[]}.
+  """
+  logits_u = jax.lax.stop_gradient(logits_u).astype(jnp.float32)
+  # The labels as self_training_loss takes them: argmax of the logits (first index on ties).
+  labels = jnp.argmax(logits_u, axis=-1).astype(jnp.int32)
+  return diagnostics.pseudo_label_quality(
+      jnp.max(jax.nn.softmax(logits_u, axis=-1), axis=-1), labels, gt_u,
+      thresholds=s.diag.reference, selections={"selected": selected[:, None, None]})
 
 
 class S4GAN(base.Method):
@@ -367,7 +397,8 @@ class S4GAN(base.Method):
   def loss(self, params, state, batch, key):
     """The generator step; metrics `loss`, `sup_loss`, `unsup_loss` (= lambda_fm * fm_loss +
     lambda_st * st_loss), `fm_loss`, `st_loss` (0 when not applied), `st_selected_fraction`
-    (images with D > threshold_st)."""
+    (images with D > threshold_st); with `diagnostics.pseudo_labels`, the `pseudo_*` metrics
+    (`pseudo_label_diagnostics`)."""
     s = self.settings
     labeled, unlabeled = batch[base.LABELED], batch[UNLABELED]
     real = batch[LABELED_REAL] if s.real_batch == "separate" else labeled
@@ -382,7 +413,7 @@ class S4GAN(base.Method):
 
     loss, metrics, (fake, real_in) = generator_loss(
         out_l["logits"], labeled["label"], labeled["image"], out_u["logits"], unlabeled["image"],
-        real["label"], real["image"], discriminate, state.step, s)
+        real["label"], real["image"], discriminate, state.step, s, gt_u=unlabeled["label"])
     metrics["loss"] = loss
     return loss, (metrics, {"batch_stats": batch_stats, "d_fake_input": fake, "d_real_input": real_in})
 

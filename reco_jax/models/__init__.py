@@ -5,7 +5,7 @@
 
 Every model's `apply(variables, images f32[B,H,W,3], train=bool)` returns
 `{"logits": f32[B,h,w,C], "rep": f32[B,h,w,rep_dim], "features": {"layer1", "layer2",
-"layer3", "layer4"[, "decoder"]}}` (features in the compute dtype; `deeplab` docstring).
+"layer3", "layer4"[, "decoder" | "aspp"]}}` (features in the compute dtype; `deeplab` docstring).
 """
 from collections.abc import Callable
 import dataclasses
@@ -49,6 +49,11 @@ def _build_deeplabv3plus(c, backbone, num_classes, dtype) -> nn.Module:
                                dtype=dtype)
 
 
+def _build_deeplabv3(c, backbone, num_classes, dtype) -> nn.Module:
+  return deeplab.DeepLabV3(backbone=backbone, num_classes=num_classes, rep_dim=c.rep_dim,
+                           head_dim=c.head_dim, dtype=dtype)
+
+
 def _build_deeplabv2(c, backbone, num_classes, dtype) -> nn.Module:
   return deeplab.DeepLabV2(backbone=backbone, num_classes=num_classes, rep_dim=c.rep_dim,
                            dtype=dtype)
@@ -57,6 +62,8 @@ def _build_deeplabv2(c, backbone, num_classes, dtype) -> nn.Module:
 MODELS: dict[str, ModelSpec] = {
     # deeplabv3.py: DeepLabv3Plus(dilate_scale=16).
     "deeplabv3plus": ModelSpec(build=_build_deeplabv3plus, default_output_stride=16),
+    # Contextrast's DeepLabV3 rows: "D-ResNet-101", the dilated (output stride 8) ResNet.
+    "deeplabv3": ModelSpec(build=_build_deeplabv3, default_output_stride=8),
     # deeplabv2.py always dilates layer3 and layer4 (reco_spec §6.2): output stride 8.
     "deeplabv2": ModelSpec(build=_build_deeplabv2, default_output_stride=8),
 }
@@ -85,7 +92,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> n
 
   Args:
     model_config: fields name, backbone, output_stride (8, 16 or None for the model's
-      default: deeplabv3plus 16, deeplabv2 8), rep_dim, head_dim, width, dtype.
+      default: deeplabv3plus 16, deeplabv2 and deeplabv3 8), rep_dim, head_dim, width, dtype.
     num_classes: number of classifier outputs.
 
   Returns:

@@ -12,6 +12,8 @@ Both models map images f32[B,H,W,3] to the dict
   upsample(ASPP(layer4)))`, `[B,h,w,project_dim + head_dim]` at stride 4.
 * `DeepLabV2`: sum of four dilated 3x3 convs on layer4; outputs at the output stride
   (no decoder).
+* `DeepLabV3`: ASPP on layer4 and the two heads on its output; outputs at the output stride
+  (no decoder; the network of Contextrast's DeepLabV3 rows, "D-ResNet-101").
 The heads are separate modules (`DeepLabV3PlusHead`, `DeepLabV2Head`) so that they can be
 applied alone to fixed backbone features (the `heads.npz` goldens); they return
 `{"logits", "rep"}` (plus `"decoder"` for DeepLabv3+).
@@ -134,6 +136,29 @@ class DeepLabV3PlusHead(nn.Module):
             "decoder": decoder}
 
 
+class DeepLabV3Head(nn.Module):
+  """DeepLabv3 minus the backbone: the `DeepLabV3PlusHead`'s ASPP and heads without the
+  low-level decoder (torchvision's `DeepLabHead`: ASPP with its 1x1 projection, then one
+  3x3 + BN + ReLU + 1x1; mmsegmentation's `ASPPHead` instead runs its 3x3 bottleneck on the
+  un-projected concatenation, a difference of one 1x1 conv)."""
+  num_classes: int
+  rep_dim: int = 256
+  head_dim: int = 256
+  aspp_rates: Sequence[int] = ASPP_RATES[8]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_high: jax.Array, train: bool) -> dict[str, jax.Array]:
+    """x_high [B,h,w,C4] -> {"logits": f32[B,h,w,classes], "rep": f32[B,h,w,rep_dim],
+    "aspp": dtype[B,h,w,head_dim]}."""
+    aspp = ASPP(self.head_dim, self.aspp_rates, dtype=self.dtype, name="ASPP")(x_high, train)
+    logits = ConvHead(self.head_dim, self.num_classes, dtype=self.dtype,
+                      name="classifier")(aspp, train)
+    rep = ConvHead(self.head_dim, self.rep_dim, dtype=self.dtype,
+                   name="representation")(aspp, train)
+    return {"logits": logits.astype(jnp.float32), "rep": rep.astype(jnp.float32), "aspp": aspp}
+
+
 class DilatedConvSum(nn.Module):
   """deeplabv2.py: Classifier_Module, the sum of 3x3 convs with bias, dilation = padding = rate."""
   features: int
@@ -195,6 +220,28 @@ class DeepLabV3Plus(nn.Module):
                              name="head")(features["layer1"], features["layer4"], train)
     return {"logits": head["logits"], "rep": head["rep"],
             "features": {**features, "decoder": head["decoder"]}}
+
+
+class DeepLabV3(nn.Module):
+  """Backbone + `DeepLabV3Head`; logits and rep at the backbone's output stride, float32.
+
+  `features` adds "aspp" (the map both heads read) to the backbone's stages.
+  """
+  backbone: resnet.ResNet
+  num_classes: int
+  rep_dim: int = 256
+  head_dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> dict:
+    """f32[B,H,W,3] -> {"logits", "rep", "features"} (module docstring), h = layer4 height."""
+    features = self.backbone(images, train)
+    head = DeepLabV3Head(self.num_classes, self.rep_dim, self.head_dim,
+                         ASPP_RATES[self.backbone.output_stride], dtype=self.dtype,
+                         name="head")(features["layer4"], train)
+    return {"logits": head["logits"], "rep": head["rep"],
+            "features": {**features, "aspp": head["aspp"]}}
 
 
 class DeepLabV2(nn.Module):

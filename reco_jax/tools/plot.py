@@ -21,8 +21,10 @@ matplotlib.use("Agg")  # files only: no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
+from reco_jax import workdir as workdir_lib  # noqa: E402
+
+METRICS_FILE = workdir_lib.METRICS_FILE
+CONFIG_FILE = workdir_lib.CONFIG_FILE
 
 
 class Run(typing.NamedTuple):
