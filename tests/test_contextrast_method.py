@@ -156,6 +156,7 @@ def test_the_switch_selects_the_table_2_baselines(loss):
         {f"pissas_multi_scale{i}" for i in range(1, 5)} | {"pissas_cross_scale1", "pissas_cross_scale2"})
 
 
+@pytest.mark.slow  # a gradient program of its own (CI time); the contract trains the term
 def test_the_contrastive_term_trains_the_projectors_and_the_backbone_not_the_classifier():
   method, variables = _method_and_variables(_config())
   labeled = _batch(seed=2)

@@ -250,7 +250,7 @@ def test_unknown_method_is_one_line_naming_the_known_ones():
   config = smoke_config("supervised")
   config.method = "clasmix"
   known = ", ".join(methods.known_methods())
-  assert known.startswith("cac, mean_teacher, ") and known.endswith(", supervised")
+  assert known.startswith("cac, contextrast, mean_teacher, ") and known.endswith(", supervised")
   with pytest.raises(ValueError, match=rf"unknown config method='clasmix'; known methods: {known} "):
     methods.get_method(config, num_classes=NUM_CLASSES, model=toy_segmenter(NUM_CLASSES))
 
