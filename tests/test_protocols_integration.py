@@ -210,6 +210,9 @@ def test_smoke_training_run_on_voc(fake_voc, tmp_path):
   assert splits.read_ids_with_header(os.path.join(workdir, "labeled_ids.txt"))[0] == want
 
 
+# Slow (CI time, 90 s): the partial-label step is in the default suite through
+# test_methods.py's pre-refactor regression case and test_semi_supervised.py.
+@pytest.mark.slow
 def test_partial_label_training_run_on_voc(fake_voc, tmp_path):
   """ReCo + ClassMix in "partial labels, full dataset" mode, from sparse maps on disk.
 
