@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from reco_jax.losses import contextrast as contextrast_lib
 
 
@@ -104,39 +105,17 @@ def benchmark(case: Case, loss_name: str, scale: float, runs: int):
 
 def train_step_seconds(case: Case, scale: float, runs: int, backbone: str) -> float:
   """Median train step of the case's config at the case's crop (times `scale`)."""
-  from reco_jax import methods, models, parallel, train  # pylint: disable=import-outside-toplevel
   dataset, arg = case.config.split(":")
   config = importlib.import_module(f"configs.{dataset}").get_config(arg)
   config.input.crop_size = (int(case.height * scale), int(case.width * scale))
   config.input.streams.labeled.batch_size = case.batch
   if backbone:
     config.model.backbone = backbone
-  mesh = parallel.create_mesh()
-  model = models.create_model(config.model, case.num_classes)
-  method = methods.get_method(config, num_classes=case.num_classes, model=model)
-  state = train.create_state(config, method, mesh)
-  step = train.make_train_step(mesh, method, config.seed)
-  rng = np.random.RandomState(0)
+  _, seconds = timing.train_step_seconds(config, case.num_classes, runs)
   h, w = config.input.crop_size
-
-  def batch():
-    return parallel.to_global_batch({
-        name: {"image": rng.randn(case.batch, h, w, 3).astype(np.float32),
-               "label": rng.randint(-1, case.num_classes, (case.batch, h, w)).astype(np.int32)}
-        for name in method.streams()}, mesh)
-
-  state, metrics = step(state, batch())
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(runs):
-    b = batch()
-    start = time.perf_counter()
-    state, metrics = step(state, b)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
   print(f"  train step {case.config} ({config.model.name}/{config.model.backbone}, {case.batch} x "
-        f"{h}x{w}): {statistics.median(times):.3f} s", flush=True)
-  return statistics.median(times)
+        f"{h}x{w}): {seconds:.3f} s", flush=True)
+  return seconds
 
 
 def main() -> None:

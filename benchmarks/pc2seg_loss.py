@@ -26,6 +26,7 @@ backbone) and prints the loss as a fraction of it.
 """
 import argparse
 import dataclasses
+import importlib
 import statistics
 import time
 
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from reco_jax.losses import pc2seg
 
 
@@ -102,42 +104,16 @@ def benchmark_case(case: Case, runs: int, pool_size: int, num_negatives: int):
 
 def train_step_seconds(case: Case, backbone: str, runs: int) -> float:
   """Median PC²Seg train step of the case's config on random batches (1 warm-up step)."""
-  import importlib  # pylint: disable=import-outside-toplevel
-  from reco_jax import methods, models, parallel, train  # pylint: disable=import-outside-toplevel
   dataset, arg = case.config.split(":")
   config = importlib.import_module(f"configs.{dataset}").get_config(arg)
   if backbone:
     config.model.backbone = backbone
-  mesh = parallel.create_mesh()
-  model = models.create_model(config.model, case.num_classes)
-  method = methods.get_method(config, num_classes=case.num_classes, model=model)
-  state = train.create_state(config, method, mesh)
-  step = train.make_train_step(mesh, method, config.seed)
-  rng = np.random.RandomState(0)
+  compile_s, seconds = timing.train_step_seconds(config, case.num_classes, runs)
   h, w = config.input.crop_size
-
-  def batch():
-    return parallel.to_global_batch({
-        name: {"image": rng.randn(config.input.streams[name].batch_size, h, w, 3).astype(np.float32),
-               "label": rng.randint(-1, case.num_classes, (config.input.streams[name].batch_size, h, w)
-                                    ).astype(np.int32)}
-        for name in method.streams()}, mesh)
-
-  start = time.perf_counter()
-  state, metrics = step(state, batch())
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(runs):
-    b = batch()
-    start = time.perf_counter()
-    state, metrics = step(state, b)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
   print(f"  {case.config} ({config.model.backbone}, {config.input.streams.labeled.batch_size}+"
         f"{config.input.streams.unlabeled.batch_size} x {h}x{w}): first step {compile_s:.1f} s, "
-        f"step {statistics.median(times):.3f} s", flush=True)
-  return statistics.median(times)
+        f"step {seconds:.3f} s", flush=True)
+  return seconds
 
 
 def main() -> None:

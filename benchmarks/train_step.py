@@ -6,22 +6,19 @@ Prints a table over (backbone x crop size) on whatever devices are present:
   python benchmarks/train_step.py --backbones=resnet101 --crops=321 --batch=8 --dtype=bfloat16
   python benchmarks/train_step.py --method=classmix_reco --backbones=resnet_tiny --crops=64
 
-Each step gets a fresh host batch and is synced (as the trainer does), so the time
-includes the host->device transfer of the batch.
+Each step gets a fresh random host batch, placed on the devices before the clock starts
+(`benchmarks/timing.py`, shared with the loss benchmarks).
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from configs import common  # noqa: E402
-from reco_jax import methods, models, parallel, train  # noqa: E402
 
 
 def benchmark(backbone: str, crop: int, batch: int, dtype: str, steps: int, num_classes: int = 21,
@@ -35,30 +32,7 @@ def benchmark(backbone: str, crop: int, batch: int, dtype: str, steps: int, num_
     stream.batch_size = batch
   if backbone == "resnet_tiny":
     config.model.width, config.model.head_dim, config.model.rep_dim = 16, 64, 64
-  mesh = parallel.create_mesh()
-  model = models.create_model(config.model, num_classes)
-  method = methods.get_method(config, num_classes=num_classes, model=model)
-  state = train.create_state(config, method, mesh)
-  step_fn = train.make_train_step(mesh, method, config.seed)
-  rng = np.random.RandomState(0)
-
-  def host_batch():
-    return {name: {"image": rng.randn(batch, crop, crop, 3).astype(np.float32),
-                   "label": rng.randint(-1, num_classes, size=(batch, crop, crop)).astype(np.int32)}
-            for name in method.streams()}
-
-  start = time.perf_counter()
-  state, metrics = step_fn(state, parallel.to_global_batch(host_batch(), mesh))
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
-    b = parallel.to_global_batch(host_batch(), mesh)
-    start = time.perf_counter()
-    state, metrics = step_fn(state, b)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_s = statistics.median(times)
+  compile_s, step_s = timing.train_step_seconds(config, num_classes, steps)
   return compile_s, step_s, batch / step_s
 
 
