@@ -89,9 +89,7 @@ def main(argv):
 
 def _one_line_errors() -> tuple[type[BaseException], ...]:
   from reco_jax import errors
-  # The project raises ValueError / FileNotFoundError (and its own types, which subclass
-  # them or RecoError) with one-line messages naming the file, key or value at fault.
-  return (errors.RecoError, ValueError, FileNotFoundError)
+  return errors.ONE_LINE_ERRORS
 
 
 def _exit_with_one_line(error: BaseException) -> None:
@@ -104,8 +102,8 @@ def _exit_with_one_line(error: BaseException) -> None:
     verbose = os.environ.get("RECO_JAX_VERBOSE_ERRORS") == "1"
   if verbose:
     traceback.print_exception(error)
-  message = " ".join(str(error).split()) or type(error).__name__
-  console.error(f"error: {message}")  # on a line of its own, after any progress bar
+  from reco_jax import errors
+  console.error(f"error: {errors.one_line(error)}")  # on a line of its own, after any progress bar
   sys.exit(getattr(error, "exit_code", 1))
 
 

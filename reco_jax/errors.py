@@ -11,6 +11,16 @@ class RecoError(Exception):
   """Base of the project's own errors."""
 
 
+# What the command-line entry points (main.py, reco_jax/tools/*) print as one line instead of
+# a traceback: the project raises these with messages naming the file, key or value at fault.
+ONE_LINE_ERRORS = (RecoError, ValueError, FileNotFoundError)
+
+
+def one_line(error: BaseException) -> str:
+  """`error`'s message on one line (whitespace runs collapsed), or its type's name if empty."""
+  return " ".join(str(error).split()) or type(error).__name__
+
+
 class ConfigError(RecoError, ValueError):
   """A config value that cannot work, or one that contradicts the workdir."""
 

@@ -51,8 +51,7 @@ from scipy.spatial import distance  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from reco_jax import constants, parallel, resampling  # noqa: E402
-from reco_jax.errors import RecoError  # noqa: E402
+from reco_jax import constants, errors, parallel, resampling  # noqa: E402
 
 DEFAULT_OUT = "class_relations"  # under the workdir
 RELATIONS_PNG = "relations.png"
@@ -346,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   out_dir = args.out or os.path.join(args.workdir, DEFAULT_OUT)
   try:
     class_relations(args.workdir, out_dir, args.split, args.max_images, args.linkage)
-  except (ValueError, FileNotFoundError, RecoError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+  except errors.ONE_LINE_ERRORS as e:
+    print(f"error: {errors.one_line(e)}", file=sys.stderr)
     return 1
   if jax.process_index() == 0:
     print(f"wrote {os.path.join(out_dir, RELATIONS_PNG)}, {DENDROGRAM_PNG} and {RELATIONS_JSON}")

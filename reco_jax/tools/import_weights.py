@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from reco_jax.errors import RecoError, WeightImportError
+from reco_jax import errors
+from reco_jax.errors import WeightImportError
 from reco_jax.models import resnet
 
 SOURCES = ("torchvision", "timm")
@@ -483,8 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     arch, variables = import_file(args.file)
     write_converted(args.out, arch, variables, source=args.source, file=args.file)
-  except (RecoError, ValueError, FileNotFoundError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+  except errors.ONE_LINE_ERRORS as e:
+    print(f"error: {errors.one_line(e)}", file=sys.stderr)
     return 1
   count = sum(int(np.prod(v.shape)) for _, v in _flatten(variables["params"]))
   backbone = (f"--config.model.backbone={arch.backbone_name} --config.model.width={arch.width}"

@@ -21,6 +21,7 @@ matplotlib.use("Agg")  # files only: no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
+from reco_jax import errors  # noqa: E402
 from reco_jax import workdir as workdir_lib  # noqa: E402
 
 METRICS_FILE = workdir_lib.METRICS_FILE
@@ -154,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     plot_workdirs(args.workdirs, args.out, args.title)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+  except errors.ONE_LINE_ERRORS as e:
+    print(f"error: {errors.one_line(e)}", file=sys.stderr)
     return 1
   print(f"wrote {args.out}")
   return 0

@@ -29,9 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from input_pipeline import preprocess
-from reco_jax import evaluate, inference, parallel
+from reco_jax import errors, evaluate, inference, parallel
 from reco_jax import workdir as workdir_lib
-from reco_jax.errors import RecoError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Larger-than-eval_size images are padded to a multiple of this: the output stride of every
@@ -166,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     written = run_predict(args.workdir, args.images, args.out, mode=args.mode, window=args.window,
                           stride=args.stride, scales=args.scales, flip=args.flip)
-  except (ValueError, FileNotFoundError, RecoError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+  except errors.ONE_LINE_ERRORS as e:
+    print(f"error: {errors.one_line(e)}", file=sys.stderr)
     return 1
   print(f"wrote {len(written)} files to {args.out}")
   return 0
