@@ -358,6 +358,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval.mode = "whole"
   config.eval.window = ()  # slide: (H, W) window; () = input.crop_size
   config.eval.stride = ()  # slide: (H, W) stride; () = int(window * 2 / 3) per axis
+  # slide: windows per image per forward, to bound activation memory on large images
+  # (e.g. 2048x1024 Cityscapes at window 769); 0 = all windows in one forward. Same result.
+  config.eval.window_batch = 0
   # Test-time augmentation: image scales (bilinear, align_corners=True) and horizontal flip;
   # softmax probabilities averaged at the label size.
   config.eval.scales = (1.0,)

@@ -16,8 +16,10 @@ Protocol (`config.eval.*`):
   window leaves the image. A window larger than the image is clipped to it (one window
   on that axis, i.e. whole-image inference there). Each window's logits are up-sampled to
   the window size, softmaxed, summed into the image's probability map and divided by the
-  per-pixel window count. All windows of a batch go through one batched forward
-  (`B * windows` images; eval mode, so BatchNorm does not couple them).
+  per-pixel window count. By default all windows of a batch go through one batched forward
+  (`B * windows` images; eval mode, so BatchNorm does not couple them); `window_batch = k`
+  runs them k per image at a time (`lax.map` over groups of windows: the same result, the
+  activation memory of `B * k` windows, for large images on small accelerators).
 * `scales`: each scale s resizes the image to `int(H * s) x int(W * s)` (floored as
   `F.interpolate(scale_factor=s)`) bilinearly with align_corners=True, the project's one
   resize (`resampling`, as the official code's interpolations), which is the identity at
@@ -52,6 +54,7 @@ class Protocol:
   stride: tuple[int, int] | None = None
   scales: tuple[float, ...] = (1.0,)
   flip: bool = False
+  window_batch: int = 0  # slide: windows per image per forward; 0 = all at once
 
   @property
   def is_single_pass(self) -> bool:
@@ -59,7 +62,8 @@ class Protocol:
     return self.mode == "whole" and self.scales == (1.0,) and not self.flip
 
   def to_json(self) -> dict:
-    """{'mode', 'window', 'stride', 'scales', 'flip'} with lists for pairs (eval_<split>.json)."""
+    """{'mode', 'window', 'stride', 'scales', 'flip'} with lists for pairs (eval_<split>.json);
+    `window_batch` only trades memory for time, so it is not part of the protocol's identity."""
     return {"mode": self.mode, "window": None if self.window is None else list(self.window),
             "stride": None if self.stride is None else list(self.stride),
             "scales": list(self.scales), "flip": self.flip}
@@ -81,7 +85,8 @@ def _pair(value, key: str) -> tuple[int, int] | None:
 
 
 def make_protocol(mode: str = "whole", window=None, stride=None, scales: Sequence[float] = (1.0,),
-                  flip: bool = False, *, crop_size: Sequence[int] | None = None) -> Protocol:
+                  flip: bool = False, window_batch: int = 0, *,
+                  crop_size: Sequence[int] | None = None) -> Protocol:
   """A `Protocol` from the `config.eval` fields, or a one-line ValueError naming the key.
 
   Args:
@@ -90,6 +95,7 @@ def make_protocol(mode: str = "whole", window=None, stride=None, scales: Sequenc
     stride: slide stride (H, W) or an int, <= window; None/() = int(window * 2 / 3).
     scales: non-empty positive test-time scales.
     flip: add the horizontally mirrored views.
+    window_batch: slide: windows per image per forward (memory); 0 = all at once.
     crop_size: `config.input.crop_size`, the default window.
   """
   if mode not in MODES:
@@ -103,6 +109,9 @@ def make_protocol(mode: str = "whole", window=None, stride=None, scales: Sequenc
                      "scale factors, e.g. (1.0,) or (0.75, 1.0, 1.25)")
   if not isinstance(flip, (bool, np.bool_)):
     raise ValueError(f"config eval.flip={flip!r} must be True or False")
+  if not _is_int(window_batch) or window_batch < 0:
+    raise ValueError(f"config eval.window_batch={window_batch!r} must be a non-negative int "
+                     "(windows per image per forward; 0 = all at once)")
   window, stride = _pair(window, "eval.window"), _pair(stride, "eval.stride")
   if mode == "whole":
     window = stride = None
@@ -117,7 +126,8 @@ def make_protocol(mode: str = "whole", window=None, stride=None, scales: Sequenc
       raise ValueError(f"config eval.stride={stride} must not exceed eval.window={window} "
                        "(the windows would leave pixels uncovered)")
   return Protocol(mode=mode, window=window, stride=stride,
-                  scales=tuple(float(s) for s in scales), flip=bool(flip))
+                  scales=tuple(float(s) for s in scales), flip=bool(flip),
+                  window_batch=int(window_batch) if mode == "slide" else 0)
 
 
 def protocol_from_config(config) -> Protocol:
@@ -126,7 +136,8 @@ def protocol_from_config(config) -> Protocol:
   fields = config.eval
   return make_protocol(fields.get("mode", "whole"), fields.get("window", None),
                        fields.get("stride", None), fields.get("scales", (1.0,)),
-                       fields.get("flip", False), crop_size=config.input.get("crop_size", None))
+                       fields.get("flip", False), fields.get("window_batch", 0),
+                       crop_size=config.input.get("crop_size", None))
 
 
 def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
@@ -176,17 +187,39 @@ def view_probabilities(apply_fn: Callable, variables: PyTree, views: jax.Array,
 
 
 def slide_probabilities(apply_fn: Callable, variables: PyTree, images: jax.Array,
-                        window: tuple[int, int], stride: tuple[int, int], flip: bool) -> jax.Array:
+                        window: tuple[int, int], stride: tuple[int, int], flip: bool,
+                        window_batch: int = 0) -> jax.Array:
   """Sliding-window softmax `f32[B,H,W,C]` of `images` `f32[B,H,W,3]`: the windows'
-  probabilities summed per pixel and divided by the number of windows covering it."""
+  probabilities summed per pixel and divided by the number of windows covering it.
+  `window_batch > 0` forwards that many windows per image at a time (see the module doc)."""
   size = images.shape[1:3]
   window, corners, counts = slide_layout(size, window, stride)
   crops = jnp.stack([images[:, y:y + window[0], x:x + window[1]] for y, x in corners], axis=1)
-  probs = view_probabilities(apply_fn, variables, crops, window, flip)  # f32[B,N,wh,ww,C]
+  probs = _grouped_view_probabilities(apply_fn, variables, crops, window, flip, window_batch)
   total = jnp.zeros(images.shape[:3] + probs.shape[-1:], jnp.float32)
   for i, (y, x) in enumerate(corners):
     total = total.at[:, y:y + window[0], x:x + window[1]].add(probs[:, i])
   return total / jnp.asarray(counts)[None, :, :, None]
+
+
+def _grouped_view_probabilities(apply_fn: Callable, variables: PyTree, views: jax.Array,
+                                out_size: tuple[int, int], flip: bool, group: int) -> jax.Array:
+  """`view_probabilities` of `views` `f32[B,V,h,w,3]`, `group` views per image per forward
+  (all V when `group` is 0 or >= V). The view axis is padded to a multiple of `group` with
+  copies of the last view, whose outputs are dropped."""
+  b, v = views.shape[:2]
+  if group <= 0 or group >= v:
+    return view_probabilities(apply_fn, variables, views, out_size, flip)
+  groups = -(-v // group)
+  pad = groups * group - v
+  if pad:
+    views = jnp.concatenate([views, jnp.repeat(views[:, -1:], pad, axis=1)], axis=1)
+  # G-major for lax.map: each iteration forwards f32[B,group,h,w,3] (batch axis kept first,
+  # so a batch sharded over `data` stays so).
+  grouped = jnp.swapaxes(views.reshape((b, groups, group) + views.shape[2:]), 0, 1)
+  probs = jax.lax.map(lambda g: view_probabilities(apply_fn, variables, g, out_size, flip), grouped)
+  probs = jnp.swapaxes(probs, 0, 1).reshape((b, groups * group) + probs.shape[3:])
+  return probs[:, :v]
 
 
 def probabilities(apply_fn: Callable, variables: PyTree, images: jax.Array,
@@ -204,7 +237,7 @@ def probabilities(apply_fn: Callable, variables: PyTree, images: jax.Array,
       probs = view_probabilities(apply_fn, variables, scaled[:, None], out_size, protocol.flip)[:, 0]
     else:
       probs = slide_probabilities(apply_fn, variables, scaled, protocol.window, protocol.stride,
-                                  protocol.flip)
+                                  protocol.flip, protocol.window_batch)
       probs = resampling.resize_bilinear_align_corners(probs, out_size)
     total = probs if total is None else total + probs
   return total / len(protocol.scales)

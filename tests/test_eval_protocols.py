@@ -135,6 +135,9 @@ def _device_probabilities(mesh, model, variables, images, out_size, protocol):
     ({"mode": "slide", "window": (32, 32, 3)}, "eval.window"),
     ({"mode": "slide", "stride": (8, 2.5)}, "eval.stride"),
     ({"mode": "slide", "window": (16, 16), "stride": (17, 8)}, "eval.stride"),
+    ({"mode": "slide", "window_batch": -1}, "eval.window_batch"),
+    ({"mode": "slide", "window_batch": 2.0}, "eval.window_batch"),
+    ({"mode": "slide", "window_batch": True}, "eval.window_batch"),
 ])
 def test_bad_fields_fail_naming_the_config_key(fields, key):
   with pytest.raises(ValueError, match=rf"^config {key}=\S.* must ") as info:
@@ -232,19 +235,24 @@ def test_flip_tta_of_a_flip_equivariant_model_equals_its_single_pass(mesh):
         rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode, window, stride, scales, flip", [
+@pytest.mark.parametrize("mode, window, stride, scales, flip, window_batch", [
     # Overlapping windows; strides that do not divide 44 - 24 or 58 - 32: the last window
     # of each axis is moved back to the border (starts 0, 16, 20 and 0, 20, 26).
-    ("slide", (24, 32), (16, 20), (1.0,), False),
+    ("slide", (24, 32), (16, 20), (1.0,), False, 0),
+    # The same 9 windows forwarded 2 per image at a time: 5 groups, the last one padded.
+    ("slide", (24, 32), (16, 20), (1.0,), False, 2),
     # Multi-scale (0.6: 26x34, two windows on one axis) with flip, slide and whole.
-    ("slide", (24, 32), (16, 20), (0.6, 1.0), True),
-    ("whole", None, None, (0.75, 1.0, 1.3), True),
+    ("slide", (24, 32), (16, 20), (0.6, 1.0), True, 0),
+    ("slide", (24, 32), (16, 20), (0.6, 1.0), True, 4),
+    ("whole", None, None, (0.75, 1.0, 1.3), True, 0),
 ])
-def test_device_protocol_equals_numpy_transcription(mesh, toy, mode, window, stride, scales, flip):
+def test_device_protocol_equals_numpy_transcription(mesh, toy, mode, window, stride, scales, flip,
+                                                    window_batch):
   model, variables = toy
   images = _images((8, 44, 58, 3), seed=4)
   out_size = (44, 58)
-  protocol = inference.make_protocol(mode, window, stride, scales, flip)
+  protocol = inference.make_protocol(mode, window, stride, scales, flip, window_batch)
+  assert protocol.window_batch == window_batch
   got = _device_probabilities(mesh, model, variables, images, out_size, protocol)
   logits_fn = jax.jit(lambda x: model.apply(variables, x, train=False)["logits"])
   want = np_probabilities(lambda x: np.asarray(logits_fn(np.ascontiguousarray(x))), images,

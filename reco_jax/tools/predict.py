@@ -104,12 +104,13 @@ def write_png(path: str, image: np.ndarray) -> None:
   tf.io.write_file(path, tf.io.encode_png(tf.constant(image, tf.uint8)))
 
 
-def apply_overrides(config, *, mode=None, window=None, stride=None, scales=None, flip=None):
+def apply_overrides(config, *, mode=None, window=None, stride=None, scales=None, flip=None,
+                    window_batch=None):
   """`config` with the given `eval.*` protocol fields replaced (None keeps the run's)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     for key, value in (("mode", mode), ("window", window), ("stride", stride),
-                       ("scales", scales), ("flip", flip)):
+                       ("scales", scales), ("flip", flip), ("window_batch", window_batch)):
       if value is not None:
         config.eval[key] = value
   return config
@@ -159,12 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--scales", type=_floats, default=None, help="eval.scales, e.g. 0.75,1,1.25")
   parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                       help="eval.flip: add the mirrored image")
+  parser.add_argument("--window_batch", type=int, default=None,
+                      help="eval.window_batch: slide windows per image per forward (memory)")
   args = parser.parse_args(argv)
   # tf only decodes and encodes images here: keep it off the accelerators JAX owns.
   tf.config.set_visible_devices([], "GPU")
   try:
     written = run_predict(args.workdir, args.images, args.out, mode=args.mode, window=args.window,
-                          stride=args.stride, scales=args.scales, flip=args.flip)
+                          stride=args.stride, scales=args.scales, flip=args.flip,
+                          window_batch=args.window_batch)
   except errors.ONE_LINE_ERRORS as e:
     print(f"error: {errors.one_line(e)}", file=sys.stderr)
     return 1
