@@ -243,7 +243,7 @@ def test_flip_tta_of_a_flip_equivariant_model_equals_its_single_pass(mesh):
     ("slide", (24, 32), (16, 20), (1.0,), False, 2),
     # Multi-scale (0.6: 26x34, two windows on one axis) with flip, slide and whole.
     ("slide", (24, 32), (16, 20), (0.6, 1.0), True, 0),
-    ("slide", (24, 32), (16, 20), (0.6, 1.0), True, 4),
+    pytest.param("slide", (24, 32), (16, 20), (0.6, 1.0), True, 4, marks=pytest.mark.slow),
     ("whole", None, None, (0.75, 1.0, 1.3), True, 0),
 ])
 def test_device_protocol_equals_numpy_transcription(mesh, toy, mode, window, stride, scales, flip,
