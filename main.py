@@ -14,6 +14,8 @@ _NATIVE_ENV_SET = console.quiet_native_logs()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from reco_jax import errors  # noqa: E402  (plain Python: loads neither TF nor XLA)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration file.",
                                 lock_config=True)
@@ -80,16 +82,9 @@ def main(argv):
     else:
       results = evaluate.evaluate_checkpoint(config, FLAGS.workdir,
                                              allow_config_change=FLAGS.allow_config_change)
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, _one_line_errors()):
-      raise
+  except errors.ONE_LINE_ERRORS as e:
     _exit_with_one_line(e)
   _print_summary(results, time.monotonic() - started)
-
-
-def _one_line_errors() -> tuple[type[BaseException], ...]:
-  from reco_jax import errors
-  return errors.ONE_LINE_ERRORS
 
 
 def _exit_with_one_line(error: BaseException) -> None:
@@ -102,7 +97,6 @@ def _exit_with_one_line(error: BaseException) -> None:
     verbose = os.environ.get("RECO_JAX_VERBOSE_ERRORS") == "1"
   if verbose:
     traceback.print_exception(error)
-  from reco_jax import errors
   console.error(f"error: {errors.one_line(error)}")  # on a line of its own, after any progress bar
   sys.exit(getattr(error, "exit_code", 1))
 
