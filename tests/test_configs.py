@@ -264,3 +264,20 @@ def test_config_files_import_no_library_code(path):
 def test_config_files_are_one_per_dataset():
   assert sorted(p.stem for p in CONFIG_DIR.glob("*.py")) == sorted(
       {"common", "default", *DATASETS})
+
+
+def test_every_label_efficiency_row_trains_the_supervised_rows_network():
+  """The CamVid table compares methods on one network: a method whose cpu recipe brings its
+  paper's network (Contextrast: DeepLabV3 at output stride 8) gets the table's back through the
+  benchmark's per-row overrides."""
+  from benchmarks import camvid_label_efficiency as table
+  from reco_jax import models
+
+  def network(method):
+    config = _load(f"camvid.py:method={method},variant=cpu", *table.ROW_OVERRIDES.get(method, ()))
+    m = config.model
+    return (m.name, m.backbone, m.width, models.resolve_output_stride(m), config.input.blur_prob)
+
+  reference = network("supervised")
+  assert {method: network(method) for method in table.METHODS} == {
+      method: reference for method in table.METHODS}
