@@ -31,10 +31,11 @@ REPO_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
 FIGURE = "camvid_label_efficiency.png"  # written into --workdir, next to the runs
 METHODS = ("supervised", "classmix", "classmix_reco", "cac", "s4gan", "pc2seg",
            "memory_bank", "contextrast")  # presets of configs/common.py
-# Every row of the table trains the supervised row's network and optimiser (DeepLabv3+ on the
-# cpu ResNet, output stride 16, blur, Nesterov). Contextrast's cpu recipe keeps its paper's
-# DeepLabV3 at output stride 8 for its own all-labels comparison (README); its table row
-# swaps the protocol's network back in, so that only the method differs from the other rows.
+# Every row of the table trains the supervised row's network and augmentation (DeepLabv3+ on
+# the cpu ResNet, output stride 16, blur; tests/test_configs.py checks it). Contextrast's cpu
+# recipe keeps its paper's DeepLabV3 at output stride 8, no blur and plain momentum for its own
+# all-labels comparison (README); its row takes the Supervised row's back, Nesterov included,
+# so that only its loss differs from that row.
 ROW_OVERRIDES = {
     "contextrast": ("--config.model.name=deeplabv3plus", "--config.model.output_stride=16",
                     "--config.input.blur_prob=0.5", "--config.optim.nesterov=True"),
